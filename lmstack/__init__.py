@@ -1,0 +1,3 @@
+"""lmstack: a JAX/TPU-native stack for training large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Every mistake a user can make (a wrong config key, a missing file, a mismatched
+checkpoint) raises `LmstackError` with a one-line message naming the field or
+file and what was expected. `lmstack.main` prints it as a single line and exits
+non-zero instead of showing a stack trace.
+"""
+
+
+class LmstackError(Exception):
+  """A problem with the user's input, reported as one line."""
+
+
+class ConfigError(LmstackError):
+  """A config field is missing, unknown or out of range."""
+
+
+class DataError(LmstackError):
+  """A corpus, data file or tokenizer is missing, empty or invalid."""
+
+
+class CheckpointError(LmstackError):
+  """A checkpoint is missing, corrupt or does not match the model."""

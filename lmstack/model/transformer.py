@@ -1,0 +1,263 @@
+"""A Llama-family decoder in Flax NNX.
+
+RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query attention, optional tied
+embeddings. Parameters are float32; matmuls take `cfg.dtype` inputs (bfloat16
+by default) and accumulate in float32. Every parameter carries logical axis
+names in its `out_sharding` metadata (`lmstack.sharding` maps them onto the
+mesh). The blocks are stored stacked on a leading `layers` axis and run with
+`jax.lax.scan` (or a Python loop when `scan_layers=False`), each wrapped in
+`jax.checkpoint` according to `cfg.remat`.
+
+Shape suffixes: B batch, T query length, S key length, D model width,
+N query heads, K key/value heads, G query heads per kv head, H head dim,
+F MLP width, V vocabulary, L layers.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmstack import sharding
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of the decoder. Presets are in `PRESETS`."""
+  vocab_size: int = 8192
+  d_model: int = 512
+  n_layers: int = 8
+  n_heads: int = 8
+  n_kv_heads: int = 8
+  head_dim: int = 0  # 0: d_model // n_heads
+  mlp_dim: int = 1408
+  max_seq_len: int = 512
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  dtype: str = "bfloat16"  # matmul input dtype; accumulation is float32
+  remat: str = "none"  # none | full | dots | dots_no_batch
+  scan_layers: bool = True
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.head_dim == 0:
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
+                       f"model.n_kv_heads={self.n_kv_heads}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}; expected one of "
+                       f"{sorted(REMAT_POLICIES)}")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def num_params(self, embeddings=True):
+    d, f, h = self.d_model, self.mlp_dim, self.head_dim
+    attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+    block = attn + 3 * d * f + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.n_layers * block + d + (emb if embeddings else 0)
+
+  def flops_per_token(self, seq_len):
+    """Training FLOPs per token, forward plus backward (3x the forward).
+
+    6 per matmul weight (the output projection counts even when tied; the
+    input embedding is a gather and does not) plus the two attention matmuls
+    QK^T and PV, 6 * 2 * L * T * N * H, counted over the full T x T score
+    matrix without halving for the causal mask (as nanoGPT and MaxText do).
+    """
+    matmul_params = self.num_params(embeddings=False) + self.vocab_size * self.d_model
+    attn = 12 * self.n_layers * seq_len * self.n_heads * self.head_dim
+    return 6 * matmul_params + attn
+
+
+PRESETS = {
+    # Unit tests: compiles in seconds.
+    "tiny": ModelConfig(vocab_size=8192, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, mlp_dim=192, max_seq_len=128),
+    # The CPU default (34M params): the reference shapes of the benchmark.
+    "default": ModelConfig(),
+    "100m": ModelConfig(vocab_size=8192, d_model=768, n_layers=12, n_heads=12,
+                        n_kv_heads=12, mlp_dim=2048, max_seq_len=1024),
+    # TinyLlama-1.1B shapes.
+    "1b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32,
+                      n_kv_heads=4, mlp_dim=5632, max_seq_len=2048),
+    # Llama-2 7B and 70B shapes.
+    "7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+                      n_kv_heads=32, mlp_dim=11008, max_seq_len=4096),
+    "70b": ModelConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64,
+                       n_kv_heads=8, mlp_dim=28672, max_seq_len=4096),
+}
+
+
+
+def _param(rngs, shape, axes, std):
+  """A float32 parameter with logical axis names (std 0 means ones)."""
+  if std == 0:
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _matmul(eq, x, w, dtype):
+  """Einsum with `dtype` inputs and float32 accumulation and output."""
+  return jnp.einsum(eq, x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, cfg, rngs):
+    self.scale = _param(rngs, (cfg.d_model,), ("embed",), 0)
+    self.eps = cfg.norm_eps
+
+  def __call__(self, x_btd):
+    x = x_btd.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return x * self.scale[...]
+
+
+def rope(x_btnh, positions_bt, theta):
+  """Rotary embedding in the rotate-half layout (as Hugging Face Llama)."""
+  h = x_btnh.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # B T H/2
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(segment_ids_bt):
+  """Causal mask that also keeps packed documents apart: B 1 1 T S."""
+  t = segment_ids_bt.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  same_doc = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  return (causal & same_doc)[:, None, None, :, :]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg, rngs):
+    d, n, k, h, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.init_std
+    self.cfg = cfg
+    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std)
+    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
+    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
+    # Scaled down with depth as in GPT-2, so the residual stream stays O(1).
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
+
+  def __call__(self, x_btd, positions_bt, mask):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    b, t, _ = x_btd.shape
+    g = cfg.n_heads // cfg.n_kv_heads
+    q_btnh = rope(_matmul("btd,dnh->btnh", x_btd, self.q[...], dt), positions_bt, cfg.rope_theta)
+    k_bskh = rope(_matmul("bsd,dkh->bskh", x_btd, self.k[...], dt), positions_bt, cfg.rope_theta)
+    v_bskh = _matmul("bsd,dkh->bskh", x_btd, self.v[...], dt)
+    q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim) / math.sqrt(cfg.head_dim)
+    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh.astype(dt), k_bskh.astype(dt),
+                              preferred_element_type=jnp.float32)
+    logits_bkgts = jnp.where(mask, logits_bkgts, jnp.finfo(jnp.float32).min)
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts.astype(dt), v_bskh.astype(dt),
+                           preferred_element_type=jnp.float32)
+    out_btnh = out_btkgh.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    return _matmul("btnh,nhd->btd", out_btnh, self.o[...], dt)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg, rngs):
+    d, f, std = cfg.d_model, cfg.mlp_dim, cfg.init_std
+    self.dtype = cfg.compute_dtype
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), std)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), std)
+    self.down = _param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))
+
+  def __call__(self, x_btd):
+    dt = self.dtype
+    h_btf = jax.nn.silu(_matmul("btd,df->btf", x_btd, self.gate[...], dt))
+    h_btf = h_btf * _matmul("btd,df->btf", x_btd, self.up[...], dt)
+    return _matmul("btf,fd->btd", h_btf, self.down[...], dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg, rngs):
+    self.attn_norm = RMSNorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_btd, positions_bt, mask):
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, mask)
+    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    return sharding.constrain(x_btd, ("batch", "seq", "embed"))
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM: tokens B T -> logits B T V (float32)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+    # Build one block per key under vmap so each parameter gets a leading
+    # `layers` axis; the stacked layout is what lax.scan iterates over.
+    keys = jax.random.split(rngs.params(), cfg.n_layers)
+    stacked = jax.vmap(lambda key: nnx.split(Block(cfg, nnx.Rngs(key)))[1])(keys)
+    stacked = jax.tree.map(
+        lambda v: v.replace(out_sharding=("layers",) + v.out_sharding), stacked,
+        is_leaf=lambda v: isinstance(v, nnx.Variable))
+    self.blocks = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0)))), stacked)
+    self.final_norm = RMSNorm(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    """Final-norm hidden states B T D (float32)."""
+    cfg = self.cfg
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones_like(tokens_bt)
+    mask = attention_mask(segment_ids_bt)
+    x_btd = jnp.take(self.embed[...], tokens_bt, axis=0)
+    x_btd = sharding.constrain(x_btd, ("batch", "seq", "embed"))
+
+    graphdef, state = nnx.split(self.blocks)
+
+    def layer(x_btd, layer_state):
+      return nnx.merge(graphdef, layer_state)(x_btd, positions_bt, mask), None
+
+    if cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x_btd, _ = jax.lax.scan(layer, x_btd, state)
+    else:
+      for i in range(cfg.n_layers):
+        x_btd, _ = layer(x_btd, jax.tree.map(lambda a: a[i], state))
+    return self.final_norm(x_btd)
+
+  def logits(self, h_btd):
+    if self.cfg.tie_embeddings:
+      return _matmul("btd,vd->btv", h_btd, self.embed[...], self.cfg.compute_dtype)
+    return _matmul("btd,dv->btv", h_btd, self.unembed[...], self.cfg.compute_dtype)
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))

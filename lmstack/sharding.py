@@ -1,0 +1,135 @@
+"""Device meshes and the mapping from logical axis names to mesh axes.
+
+The model names every parameter dimension with a logical axis (`embed`,
+`vocab`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) and constrains
+activations at block boundaries (`batch`, `seq`, `embed`). A *rule set* maps
+each logical name to zero or more mesh axes (`data`, `fsdp`, `tensor`); the
+presets live in `RULES` and a config picks one by name or gives its own list.
+
+A dimension that the mapped mesh axes do not divide evenly stays replicated,
+so a tiny test model runs on any mesh without special cases.
+"""
+
+import contextlib
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lmstack.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES = {
+    # ZeRO-3 style: every weight sharded on its `embed` dimension over fsdp,
+    # the batch over data and fsdp; XLA all-gathers weights per layer.
+    "fsdp": (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+    ),
+    # FSDP plus Megatron-style tensor parallelism: heads, MLP and vocabulary
+    # split over the tensor axis.
+    "fsdp_tp": (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+    ),
+    # Pure data parallelism: every weight replicated.
+    "dp": (("batch", ("data", "fsdp")),),
+}
+
+
+def make_mesh(shape, devices=None):
+  """A mesh over (data, fsdp, tensor); one -1 entry takes the rest."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ConfigError(f"mesh.shape={tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+  if shape.count(-1) > 1:
+    raise ConfigError(f"mesh.shape={tuple(shape)} may hold at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if known <= 0 or len(devices) % known:
+      raise ConfigError(f"mesh.shape={tuple(shape)} does not divide the {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ConfigError(f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
+                      f"found {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def resolve_rules(rules):
+  """A rule preset name, or a sequence of (logical, mesh axes) pairs -> dict."""
+  if isinstance(rules, str):
+    if rules not in RULES:
+      raise ConfigError(f"mesh.rules={rules!r}; expected one of {sorted(RULES)} or a list of pairs")
+    rules = RULES[rules]
+  out = {}
+  for logical, axes in rules:
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    for a in axes:
+      if a not in MESH_AXES:
+        raise ConfigError(f"mesh.rules maps {logical!r} to unknown mesh axis {a!r}")
+    out[logical] = axes
+  return out
+
+
+def logical_to_spec(axes, shape, mesh, rules):
+  """PartitionSpec for a value of `shape` whose dims are named `axes`."""
+  used, spec = set(), []
+  for name, dim in zip(axes, shape):
+    mesh_axes = tuple(a for a in rules.get(name, ()) if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in mesh_axes)
+    if not mesh_axes or dim % size:
+      spec.append(None)
+      continue
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return P(*spec)
+
+
+def state_shardings(abstract_state, mesh, rules):
+  """NamedShardings for every leaf of an nnx.State or pytree of Variables.
+
+  Leaves without logical names (optimizer counters, RNG state) replicate.
+  """
+  def one(leaf):
+    axes = getattr(leaf, "out_sharding", None) if isinstance(leaf, nnx.Variable) else None
+    shape = np.shape(leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf)
+    spec = logical_to_spec(axes, shape, mesh, rules) if axes else P()
+    sh = NamedSharding(mesh, spec)
+    return leaf.replace(sh) if isinstance(leaf, nnx.Variable) else sh
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# The mesh and rules that activation constraints use inside a traced step.
+_ACTIVE = None
+
+
+@contextlib.contextmanager
+def use(mesh, rules):
+  """Make `constrain` place activations on `mesh` under `rules`."""
+  global _ACTIVE
+  prev, _ACTIVE = _ACTIVE, (mesh, rules)
+  try:
+    yield
+  finally:
+    _ACTIVE = prev
+
+
+def constrain(x, axes):
+  """Sharding constraint by logical names; a no-op outside `use`."""
+  if _ACTIVE is None:
+    return x
+  mesh, rules = _ACTIVE
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+
+def batch_sharding(mesh, rules, ndim=2):
+  """Sharding of a [batch, ...] data array."""
+  return NamedSharding(mesh, P(rules.get("batch") or None, *([None] * (ndim - 1))))

@@ -1,0 +1,78 @@
+"""The train state and how it is born sharded.
+
+The state is a dict {"step", "params", "opt_state"}: `params` are the
+trainable parameters (a `config.trainable` regex over parameter paths picks
+them), and everything else in the model is `frozen` and kept apart, so it gets
+no gradients, no optimizer state and is never donated. Pre-training trains all
+parameters; adapters and DPO's reference model use the split.
+"""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lmstack import sharding
+from lmstack.model.transformer import Transformer
+from lmstack.train import step as step_lib
+
+
+def trainable_filter(pattern):
+  """nnx filter: parameters whose path ("blocks/attn/q") matches `pattern`."""
+  regex = re.compile(pattern)
+
+  def is_trainable(path, value):
+    return isinstance(value, nnx.Param) and regex.fullmatch("/".join(map(str, path))) is not None
+
+  return is_trainable
+
+
+@dataclasses.dataclass
+class ShardedModel:
+  """A model's graph, its state's abstract shapes and shardings, and its init."""
+  graphdef: object
+  abstract_state: dict  # {"step", "params", "opt_state"} of ShapeDtypeStructs
+  abstract_frozen: object
+  state_sh: dict
+  frozen_sh: object
+  replicated: NamedSharding
+  init: object  # () -> (state, frozen), each array born with its sharding
+
+
+def init_sharded(model_cfg, trainable, tx, mesh, rules, seed):
+  """Splits the model into trainable params and frozen rest, sharded on `mesh`.
+
+  Nothing is materialised until `init()` runs, jit-compiled with
+  `out_shardings`, so every parameter is created directly on its devices.
+  """
+  is_trainable = trainable_filter(trainable)
+
+  def init():
+    model = Transformer(model_cfg, nnx.Rngs(seed))
+    _, params, frozen = nnx.split(model, is_trainable, ...)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}, frozen
+
+  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed))), is_trainable, ...)[0]
+  abstract_state, abstract_frozen = jax.eval_shape(init)
+  replicated = NamedSharding(mesh, P())
+  state_sh = {"step": replicated,
+              "params": sharding.state_shardings(abstract_state["params"], mesh, rules),
+              "opt_state": sharding.state_shardings(abstract_state["opt_state"], mesh, rules)}
+  frozen_sh = sharding.state_shardings(abstract_frozen, mesh, rules)
+  return ShardedModel(graphdef, abstract_state, abstract_frozen, state_sh, frozen_sh, replicated,
+                      jax.jit(init, out_shardings=(state_sh, frozen_sh)))
+
+
+def jit_train_step(m, loss_fn, tx, schedule, accum_steps, data_sh):
+  """The train step compiled with explicit shardings and the state donated."""
+  return jax.jit(step_lib.make_train_step(m.graphdef, loss_fn, tx, schedule, accum_steps),
+                 in_shardings=(m.state_sh, m.frozen_sh, data_sh), out_shardings=(m.state_sh, m.replicated),
+                 donate_argnums=0)
+
+
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs that carry shardings: the target of a sharded restore."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
