@@ -1,0 +1,83 @@
+"""Pre-training: next-token prediction on packed documents.
+
+The default trains the 34M-parameter `default` preset on the embedded corpus
+(Botchan + Shakespeare) on CPU in a few minutes:
+
+  python -m lmstack.main --config=configs/pretrain.py --workdir=/tmp/lmstack/pretrain
+
+Arguments after the colon: `size=<preset>` (tiny, default, 100m, 1b, 7b, 70b)
+and `runlocal` (tiny model, a few steps: what the tests run), e.g.
+  --config=configs/pretrain.py:size=100m
+Any field can be overridden: --config.train.steps=200 --config.optim.lr=3e-4
+"""
+
+import os
+
+import ml_collections
+
+import lmstack
+from configs import common
+
+ASSETS = os.path.join(os.path.dirname(lmstack.__file__), "assets")
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, size="default", runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = common.model_section("tiny" if arg.runlocal else arg.size)
+  config.loss = "next_token"
+  config.trainable = ".*"  # regex over parameter paths; the rest is frozen
+
+  config.data = ml_collections.ConfigDict(dict(
+      format="text",  # text | jsonl | array_record | tfds
+      train_files=os.path.join(ASSETS, "corpus", "train.txt"),  # comma-separated globs
+      eval_files=os.path.join(ASSETS, "corpus", "valid.txt"),
+      jsonl_field="text",
+      tfds_name="",
+      tfds_data_dir="",
+      tfds_train_split="train",
+      tfds_eval_split="validation",
+      tokenizer=os.path.join(ASSETS, "tokenizer", "default.model"),
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      steps=600,
+      batch_size=16,  # global, in sequences
+      seq_len=256,
+      grad_accum_steps=1,
+      log_every=10,
+      eval_every=100,  # 0: no evaluation
+      eval_batches=0,  # 0: the whole held-out split
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      tensorboard=True,
+      peak_flops=-1.0,  # matmul FLOP/s for MFU; -1 measures it at start, 0 disables MFU
+      report_unigram=True,  # print the corpus's unigram entropy beside the final loss
+  ))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3,
+      schedule="cosine",  # cosine | wsd | linear | constant
+      warmup_steps=50,
+      min_lr_ratio=0.1,
+      decay_fraction=0.2,  # wsd: share of the steps spent decaying
+      decay_shape="linear",  # wsd: linear | 1-sqrt | cosine
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      grad_clip=1.0,
+  ))
+
+  config.mesh = ml_collections.ConfigDict(dict(
+      shape=(1, -1, 1),  # (data, fsdp, tensor); -1 takes the remaining devices
+      rules="fsdp",  # fsdp | fsdp_tp | dp (see lmstack/sharding.py)
+  ))
+
+  if arg.runlocal:
+    config.train.update(steps=4, batch_size=8, seq_len=64, log_every=1, eval_every=2, eval_batches=2,
+                        checkpoint_every=2, peak_flops=0.0, report_unigram=False)
+    config.optim.warmup_steps = 1
+  return config

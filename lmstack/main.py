@@ -1,0 +1,69 @@
+"""Command-line entry point for every stage.
+
+  python -m lmstack.main --config=configs/pretrain.py --workdir=/tmp/run \
+      [--config.train.steps=200 ...]
+
+The config file is an ml_collections `get_config(arg)`, locked so that a
+mistyped field (`--config.train.setps=1`) is an error, not a silent no-op.
+User errors (a bad flag, a bad config value, LmstackError) print one line
+and exit with status 1.
+"""
+
+import logging
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lmstack.errors import LmstackError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _one_line(e):
+  """The useful line of a flag error (config_flags nests whole tracebacks)."""
+  text = str(e).strip()
+  if isinstance(e, AttributeError):  # its message is a repr: quoted, with escapes
+    text = text.strip("'").replace("\\n", "\n").replace("\\'", "'")
+  lines = [" ".join(l.split()) for l in text.splitlines() if l.strip()]
+  if isinstance(e, AttributeError):  # a locked ConfigDict refusing an unknown field
+    return f"unknown config field {lines[0].strip(chr(39))}; " + " ".join(lines[1:])
+  last = lines[-1] if lines else type(e).__name__
+  return re.sub(r"^\w+Error: ", "", last)
+
+
+def parse_flags(argv):
+  """absl flag parsing, with bad flags and config overrides as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:  # keep the console to progress lines
+    for name in ("absl", "jax", "orbax"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+  from lmstack.train import trainer  # heavy imports after flag parsing, so --help is fast
+  try:
+    config = _CONFIG.value
+    config.keys()  # config_flags loads the file lazily: force it here
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+  try:
+    trainer.run(config, _WORKDIR.value)
+  except LmstackError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

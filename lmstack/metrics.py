@@ -1,0 +1,91 @@
+"""Training metrics: console progress, a JSONL file and TensorBoard events.
+
+Only process 0 writes (`jax.process_index() == 0`), so a multi-host run has
+one set of files. `metrics.jsonl` has one JSON object per logged step (and per
+evaluation), which `tools/plot.py` turns into PNG curves.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def _fmt_time(seconds):
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricWriter:
+  """Writes scalars to the console, `workdir/metrics.jsonl` and TensorBoard."""
+
+  def __init__(self, workdir, total_steps, tensorboard=True, stream=sys.stdout):
+    self.enabled = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.stream = stream
+    self.jsonl = self.tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step, scalars, prefix=""):
+    if not self.enabled:
+      return
+    scalars = {prefix + k: float(v) for k, v in scalars.items()}
+    self.jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in scalars.items():
+        self.tb.add_scalar(k, v, int(step))
+      self.tb.flush()
+
+  def progress(self, step, scalars, steps_per_sec):
+    """One console line: step, loss, lr, tokens/s, ETA."""
+    if not self.enabled:
+      return
+    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+    parts = [f"step {step:>6d}/{self.total_steps}"]
+    for key, fmt in (("loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f"), ("tokens_per_sec", ",.0f"), ("mfu", ".1%")):
+      if key in scalars:
+        parts.append(f"{key} {format(float(scalars[key]), fmt)}")
+    parts.append(f"eta {_fmt_time(eta)}")
+    print(" | ".join(parts), file=self.stream, flush=True)
+
+  def info(self, message):
+    if self.enabled:
+      print(message, file=self.stream, flush=True)
+
+  def close(self):
+    if self.jsonl is not None:
+      self.jsonl.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def measure_peak_flops(n=2048, dtype=jnp.bfloat16, repeats=5):
+  """This machine's matmul FLOP/s: bf16 inputs, f32 accumulation, all devices."""
+  devices = jax.devices()
+  from lmstack import sharding  # noqa: PLC0415 - avoids an import cycle at module load
+  mesh = sharding.make_mesh((len(devices), 1, 1), devices)
+  spec = NamedSharding(mesh, P("data"))
+  a = jax.device_put(jnp.ones((len(devices) * n, n), dtype), spec)
+  b = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).sum())
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * len(devices) * n ** 3 / best

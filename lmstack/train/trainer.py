@@ -1,0 +1,241 @@
+"""The training loop every stage runs: init or restore, step, eval, log, save.
+
+    python -m lmstack.main --config=configs/pretrain.py --workdir=/tmp/run
+
+A stage is a config: its data (`config.data`), loss (`config.loss`, a name in
+`losses.LOSSES`), trainable parameters (`config.trainable`, a regex over
+parameter paths; the rest is frozen) and schedule (`config.optim`). Re-running
+the same command resumes from the newest checkpoint in `workdir/checkpoints`,
+data order included.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lmstack import checkpoint as ckpt_lib
+from lmstack import sharding
+from lmstack.data import pipeline
+from lmstack.data.tokenizer import Tokenizer
+from lmstack.errors import ConfigError, DataError
+from lmstack.metrics import MetricWriter, measure_peak_flops
+from lmstack.model.transformer import ModelConfig, Transformer
+from lmstack.train import losses, optim
+from lmstack.train.state import init_sharded, jit_train_step, with_shardings
+from lmstack.train import step as step_lib
+
+
+def model_config(cfg) -> ModelConfig:
+  """The `config.model` section as a ModelConfig, with one-line errors."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  values = {k: v for k, v in cfg.model.items() if k != "preset"}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ConfigError(f"config.model has unknown fields {unknown}; expected some of {sorted(fields)}")
+  try:
+    return ModelConfig(**values)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def validate(config, model_cfg, n_devices):
+  """Checks that cannot wait until the first step fails."""
+  t = config.train
+  if t.steps <= 0:
+    raise ConfigError(f"config.train.steps={t.steps} must be positive")
+  if t.seq_len > model_cfg.max_seq_len:
+    raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds config.model.max_seq_len={model_cfg.max_seq_len}")
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"config.train.batch_size={t.batch_size} is not a multiple of "
+                      f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  if config.loss not in losses.LOSSES:
+    raise ConfigError(f"config.loss={config.loss!r}; expected one of {sorted(losses.LOSSES)}")
+  try:
+    re.compile(config.trainable)
+  except re.error as e:
+    raise ConfigError(f"config.trainable={config.trainable!r} is not a regular expression: {e}") from e
+
+
+# Tests kill the process at a chosen step (right after that step's checkpoint
+# save has *started*, so the kill may land mid-save) to prove resumption.
+_FAULT_KILL_AT_STEP = int(os.environ.get("LMSTACK_FAULT_KILL_AT_STEP", "0"))
+
+
+class _Preemption:
+  """SIGTERM (how TPU maintenance arrives) asks the loop to save and stop."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some test runners)
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def evaluate(eval_step, params, frozen, eval_ds, put, max_batches):
+  """Mean held-out loss over up to `max_batches` batches (0: the whole split)."""
+  loss_sum, weight = 0.0, 0.0
+  for i, batch in enumerate(eval_ds):
+    if max_batches and i >= max_batches:
+      break
+    ls, w = eval_step(params, frozen, put(batch))
+    loss_sum, weight = loss_sum + float(ls), weight + float(w)
+  if weight == 0:
+    raise DataError("the held-out split (config.data.eval_files) produced no tokens")
+  return loss_sum / weight
+
+
+def run(config, workdir):
+  """Trains `config` in `workdir`; returns the last logged metrics."""
+  model_cfg = model_config(config)
+  validate(config, model_cfg, jax.device_count())
+  t = config.train
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  rules = sharding.resolve_rules(config.mesh.rules)
+  batch_axes = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+  if (t.batch_size // t.grad_accum_steps) % batch_axes:
+    raise ConfigError(f"config.train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} "
+                      f"is not divisible by the {batch_axes} devices on the mesh's batch axes")
+
+  tokenizer = Tokenizer.load(config.data.tokenizer)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise DataError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} pieces but "
+                    f"config.model.vocab_size={model_cfg.vocab_size}; its ids would index past the embedding")
+  os.makedirs(workdir, exist_ok=True)
+  writer = MetricWriter(workdir, t.steps, tensorboard=t.tensorboard)
+
+  # ---- Model: born sharded from an abstract shape ----
+  tx, schedule = optim.make_optimizer(config.optim, t.steps)
+  m = init_sharded(model_cfg, config.trainable, tx, mesh, rules, config.seed)
+  graphdef, state_sh, frozen_sh, replicated = m.graphdef, m.state_sh, m.frozen_sh, m.replicated
+  abs_params, abs_frozen = m.abstract_state["params"], m.abstract_frozen
+  param_sh = state_sh["params"]
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params))
+  n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_frozen))
+  writer.info(f"model: {n_params:,} trainable + {n_frozen:,} frozen parameters; mesh {dict(mesh.shape)}; "
+              f"rules {config.mesh.rules}")
+
+  # ---- Data ----
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  local_batch = t.batch_size // jax.process_count()
+  train_ds = pipeline.make_lm_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+                                      seed=config.seed, split="train", **shard)
+  train_iter = iter(train_ds)
+  data_sh = sharding.batch_sharding(mesh, rules)
+
+  def put(batch):
+    return {k: jax.make_array_from_process_local_data(data_sh, np.asarray(v)) for k, v in batch.items()}
+
+  # ---- Init or resume ----
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                               async_save=t.async_checkpoint)
+  meta = ckpt_lib.make_meta(config, dataclasses.asdict(model_cfg), tokenizer.to_bytes())
+  latest = ckpt.latest_step()
+  state, frozen = m.init()
+  if latest is not None:
+    where = os.path.join(ckpt.directory, str(latest))
+    ckpt_lib.check_compatible(ckpt.read_meta(latest), dataclasses.asdict(model_cfg), tokenizer.to_bytes(), where)
+    abstract_state = with_shardings(m.abstract_state, state_sh)
+    del state  # free the fresh init before the restore allocates
+    state, data_state = ckpt.restore(latest, abstract_state)
+    train_iter.set_state(data_state)
+    writer.info(f"resumed from {where}")
+  start = int(state["step"])
+
+  # ---- Compile the step ----
+  train_step = jit_train_step(m, losses.LOSSES[config.loss], tx, schedule, t.grad_accum_steps, data_sh)
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, losses.LOSSES[config.loss]),
+                      in_shardings=(param_sh, frozen_sh, data_sh), out_shardings=replicated)
+
+  def eval_ds():
+    return pipeline.make_lm_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+                                    seed=config.seed, split="eval", **shard)
+
+  peak = t.peak_flops if t.peak_flops >= 0 else measure_peak_flops()
+  flops_per_step = model_cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
+  tokens_per_step = t.batch_size * t.seq_len
+  last = {}
+
+  def save(step_no, force=False):
+    ckpt.save(step_no, state, train_iter.get_state(), meta, force=force)
+
+  # ---- The loop ----
+  with sharding.use(mesh, rules), _Preemption() as preempt:
+    if start >= t.steps:
+      writer.info(f"{workdir} is already at step {start} of {t.steps}; nothing to train")
+    tic, tic_step = time.perf_counter(), start
+    for step_no in range(start, t.steps):
+      batch = put(next(train_iter))
+      state, metrics = train_step(state, frozen, batch)
+      done = step_no + 1
+      if done % t.log_every == 0 or done == t.steps or done == start + 1:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - tic
+        # The first interval includes compilation: report its speed but not as throughput.
+        steps_per_sec = (done - tic_step) / max(elapsed, 1e-9)
+        metrics["tokens_per_sec"] = steps_per_sec * tokens_per_step
+        if peak > 0:
+          metrics["mfu"] = steps_per_sec * flops_per_step / peak
+        if not math.isfinite(metrics["loss"]):
+          ckpt.wait()
+          raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; the last good checkpoint "
+                                   f"is step {ckpt.latest_step()} in {ckpt.directory}")
+        writer.write(done, metrics, prefix="train/")
+        writer.progress(done, metrics, steps_per_sec)
+        last = metrics
+        tic, tic_step = time.perf_counter(), done
+      if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+        loss = evaluate(eval_step, state["params"], frozen, eval_ds(), put, t.eval_batches)
+        writer.write(done, {"loss": loss, "perplexity": math.exp(min(loss, 50))}, prefix="eval/")
+        writer.info(f"step {done:>6d} | eval loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
+        tic, tic_step = time.perf_counter(), done  # keep eval time out of tokens/s
+      if done % t.checkpoint_every == 0 or done == t.steps:
+        save(done)
+      if done == _FAULT_KILL_AT_STEP:  # fault injection: SIGKILL, as a crash or OOM-kill would
+        os.kill(os.getpid(), signal.SIGKILL)
+      if preempt.requested:
+        writer.info(f"SIGTERM: saving step {done} and stopping")
+        if done % t.checkpoint_every and done != t.steps:
+          save(done, force=True)
+        break
+    ckpt.close()
+
+    # ---- Final held-out evaluation ----
+    if t.eval_every and not preempt.requested:
+      loss = evaluate(eval_step, state["params"], frozen, eval_ds(), put, t.eval_batches)
+      final = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+      if t.report_unigram:
+        final["unigram_entropy"] = pipeline.unigram_cross_entropy(
+            pipeline.split_tokens(config.data, tokenizer, "train"),
+            pipeline.split_tokens(config.data, tokenizer, "eval"), tokenizer.vocab_size)
+      writer.write(int(state["step"]), final, prefix="eval/")
+      msg = f"final held-out loss {loss:.4f} nats/token (perplexity {final['perplexity']:.2f})"
+      if "unigram_entropy" in final:
+        msg += f"; unigram entropy of the corpus {final['unigram_entropy']:.4f} nats/token"
+      writer.info(msg)
+      last.update({f"eval/{k}": v for k, v in final.items()})
+  writer.close()
+  logging.info("done: %s", workdir)
+  return last

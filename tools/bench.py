@@ -1,0 +1,93 @@
+"""Train-step throughput and MFU for model presets, on whatever devices JAX sees.
+
+  python tools/bench.py                       # default and 100m presets
+  python tools/bench.py --presets=default --batch_size=8 --seq_len=512 --steps=10
+
+The MFU denominator is this machine's matmul peak measured in the same run
+(bf16 inputs, float32 accumulation, a 2048^3 matmul per device), so ratios are
+comparable across machines. Model FLOPs per token follow
+`ModelConfig.flops_per_token`: 6 x matmul weights + 12 x L x T x N x H for
+attention (forward + backward, no causal halving).
+"""
+
+import dataclasses
+import statistics
+import time
+
+from absl import app, flags
+
+_PRESETS = flags.DEFINE_list("presets", ["default", "100m"], "Model presets to measure.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size (sequences).")
+_SEQ = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
+_STEPS = flags.DEFINE_integer("steps", 8, "Measured steps (after 2 warm-up steps).")
+_REMAT = flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Matmul input dtype.")
+
+
+def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak):
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from lmstack import sharding
+  from lmstack.model.transformer import PRESETS
+  from lmstack.train import losses, optim
+  from lmstack.train.state import init_sharded, jit_train_step
+
+  cfg = dataclasses.replace(PRESETS[name], remat=remat, dtype=dtype, max_seq_len=max(seq_len, PRESETS[name].max_seq_len))
+  mesh = sharding.make_mesh((1, -1, 1))
+  rules = sharding.resolve_rules("fsdp")
+  ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
+                                        decay_fraction=0.2, decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8,
+                                        weight_decay=0.1, grad_clip=1.0))
+  tx, schedule = optim.make_optimizer(ocfg, 1000)
+  m = init_sharded(cfg, ".*", tx, mesh, rules, seed=0)
+  data_sh = sharding.batch_sharding(mesh, rules)
+  step = jit_train_step(m, losses.next_token_loss, tx, schedule, 1, data_sh)
+  state, frozen = m.init()
+  rng = np.random.default_rng(0)
+  tok = rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
+  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": np.ones((batch_size, seq_len), np.int32),
+           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()}
+  batch = {k: jax.device_put(v, data_sh) for k, v in batch.items()}
+  with sharding.use(mesh, rules):
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+      state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, frozen, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  tokens = batch_size * seq_len
+  fpt = cfg.flops_per_token(seq_len)
+  return dict(preset=name, params=cfg.num_params(), batch=batch_size, seq=seq_len, compile_s=compile_s,
+              step_median_s=med, step_min_s=min(times), step_max_s=max(times), tokens_per_s=tokens / med,
+              flops_per_token=fpt, mfu=tokens / med * fpt / peak, loss=float(metrics["loss"]))
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  from lmstack.metrics import measure_peak_flops
+  peak = measure_peak_flops(dtype=jnp.bfloat16)
+  peak32 = measure_peak_flops(dtype=jnp.float32)
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+  print(f"matmul peak: {peak / 1e9:,.1f} GFLOP/s bf16-in/f32-acc, {peak32 / 1e9:,.1f} GFLOP/s f32")
+  header = f"{'preset':>8} {'params':>12} {'batch':>5} {'seq':>5} {'compile_s':>9} {'step_s med/min/max':>20} {'tokens/s':>10} {'GFLOP/tok':>9} {'MFU':>6}"
+  print(header)
+  for name in _PRESETS.value:
+    r = bench_preset(name, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value, _DTYPE.value, peak)
+    times = f"{r['step_median_s']:.3f}/{r['step_min_s']:.3f}/{r['step_max_s']:.3f}"
+    print(f"{r['preset']:>8} {r['params']:>12,} {r['batch']:>5} {r['seq']:>5} {r['compile_s']:>9.1f} {times:>20} "
+          f"{r['tokens_per_s']:>10,.0f} {r['flops_per_token'] / 1e9:>9.3f} {r['mfu']:>6.1%}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
