@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lmstack import sharding
+
 
 def _fmt_time(seconds):
   if not math.isfinite(seconds):
@@ -76,12 +78,12 @@ class MetricWriter:
 def measure_peak_flops(n=2048, dtype=jnp.bfloat16, repeats=5):
   """This machine's matmul FLOP/s: bf16 inputs, f32 accumulation, all devices."""
   devices = jax.devices()
-  from lmstack import sharding  # noqa: PLC0415 - avoids an import cycle at module load
   mesh = sharding.make_mesh((len(devices), 1, 1), devices)
   spec = NamedSharding(mesh, P("data"))
-  a = jax.device_put(jnp.ones((len(devices) * n, n), dtype), spec)
-  b = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).sum())
+  # Random operands: constants would let XLA fold or skip work.
+  a = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices) * n, n), dtype), spec)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   f(a, b).block_until_ready()
   best = float("inf")
   for _ in range(repeats):

@@ -137,7 +137,8 @@ def test_presets_have_published_llama2_sizes():
   # Parameter counts of Llama-2-7b-hf and Llama-2-70b-hf as published.
   assert PRESETS["7b"].num_params() == 6_738_415_616
   assert PRESETS["70b"].num_params() == 68_976_648_192
-  assert 33e6 < PRESETS["default"].num_params() < 35e6
+  assert 33e6 < PRESETS["34m"].num_params() < 35e6
+  assert 15e6 < PRESETS["default"].num_params() < 20e6
   assert 90e6 < PRESETS["100m"].num_params() < 110e6
   assert 1.0e9 < PRESETS["1b"].num_params() < 1.2e9
 
@@ -147,3 +148,22 @@ def test_bad_model_config_is_one_line_error():
     ModelConfig(n_heads=6, n_kv_heads=4)
   with pytest.raises(ValueError, match="remat"):
     ModelConfig(remat="sometimes")
+
+
+@pytest.mark.parametrize("eq,xs,ws", [("btd,dnh->btnh", (2, 3, 8), (8, 4, 5)), ("btnh,nhd->btd", (2, 3, 4, 5), (4, 5, 8)),
+                                      ("btkgh,bskh->bkgts", (2, 3, 2, 2, 5), (2, 4, 2, 5)),
+                                      ("bkgts,bskh->btkgh", (2, 2, 2, 3, 4), (2, 4, 2, 5))])
+def test_matmul_backward_equals_autodiff(eq, xs, ws):
+  from lmstack.model.transformer import _matmul
+  rng = np.random.default_rng(0)
+  x, w = jnp.asarray(rng.normal(size=xs), jnp.float32), jnp.asarray(rng.normal(size=ws), jnp.float32)
+  probe = jnp.asarray(rng.normal(size=jnp.einsum(eq, x, w).shape), jnp.float32)
+  ours = jax.grad(lambda x, w: jnp.sum(_matmul(eq, x, w, jnp.float32) * probe), argnums=(0, 1))(x, w)
+  ref = jax.grad(lambda x, w: jnp.sum(jnp.einsum(eq, x, w, precision="highest") * probe), argnums=(0, 1))(x, w)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # bf16 inputs: the same gradients to bf16 precision, returned in float32.
+  ours16 = jax.grad(lambda x, w: jnp.sum(_matmul(eq, x, w, jnp.bfloat16) * probe), argnums=(0, 1))(x, w)
+  for a, b in zip(ours16, ref):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.1)
