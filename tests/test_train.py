@@ -157,3 +157,27 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, damage):
   with pytest.raises(CheckpointError, match=r"checkpoints/2"):
     trainer.run(_config(steps=4, eval_every=0), str(tmp_path))
   assert _tree_digest(tmp_path / "checkpoints") == digest
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  import signal
+  import time
+  cmd = [sys.executable, "-m", "lmstack.main", "--config=configs/pretrain.py:runlocal", f"--workdir={tmp_path}",
+         "--config.train.steps=100000", "--config.train.checkpoint_every=1000", "--config.train.eval_every=0"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  def steps_logged():
+    try:
+      return len(_train_losses(tmp_path))
+    except (OSError, ValueError):  # not written yet, or a line half-written
+      return 0
+
+  deadline = time.time() + 300
+  while time.time() < deadline and steps_logged() < 3:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  stopped = max(_train_losses(tmp_path))
+  assert f"SIGTERM: saving step {stopped}" in out
+  assert str(stopped) in os.listdir(tmp_path / "checkpoints")
