@@ -23,6 +23,20 @@ def reference_logits(p, cfg, tokens, positions, segments):
   def rot(x, pos):  # x: T N H
     h = x.shape[-1]
     inv = 1.0 / cfg.rope_theta ** (np.arange(0, h, 2) / h)
+    if cfg.rope_scaling == "linear":
+      inv = inv / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+      scaled = []
+      for f in inv:
+        wavelen, orig = 2 * np.pi / f, cfg.rope_original_max_len
+        if wavelen < orig / cfg.rope_high_freq_factor:
+          scaled.append(f)
+        elif wavelen > orig / cfg.rope_low_freq_factor:
+          scaled.append(f / cfg.rope_scaling_factor)
+        else:
+          a = (orig / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+          scaled.append((1 - a) * f / cfg.rope_scaling_factor + a * f)
+      inv = np.array(scaled)
     ang = pos[:, None] * inv[None, :]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     x1, x2 = x[..., :h // 2], x[..., h // 2:]
@@ -36,13 +50,15 @@ def reference_logits(p, cfg, tokens, positions, segments):
     for l in range(cfg.n_layers):
       blk = jax.tree.map(lambda a: a[l], p["blocks"])
       y = rms(x, blk["attn_norm"]["scale"])
-      q = rot(np.einsum("td,dnh->tnh", y, blk["attn"]["q"]), positions[b])
-      k = rot(np.einsum("td,dkh->tkh", y, blk["attn"]["k"]), positions[b])
-      v = np.einsum("td,dkh->tkh", y, blk["attn"]["v"])
+      bias = {n: blk["attn"].get(n + "_bias", 0.0) for n in "qkv"}
+      q = rot(np.einsum("td,dnh->tnh", y, blk["attn"]["q"]) + bias["q"], positions[b])
+      k = rot(np.einsum("td,dkh->tkh", y, blk["attn"]["k"]) + bias["k"], positions[b])
+      v = np.einsum("td,dkh->tkh", y, blk["attn"]["v"]) + bias["v"]
       o = np.zeros((t, cfg.n_heads, cfg.head_dim))
       for n in range(cfg.n_heads):
         for i in range(t):
-          ok = [j for j in range(i + 1) if segments[b, j] == segments[b, i]]
+          ok = [j for j in range(i + 1) if segments[b, j] == segments[b, i]
+                and (not cfg.sliding_window or positions[b, i] - positions[b, j] < cfg.sliding_window)]
           s = np.array([q[i, n] @ k[j, n // g] for j in ok]) / np.sqrt(cfg.head_dim)
           w = np.exp(s - s.max())
           w /= w.sum()
@@ -65,10 +81,17 @@ def _inputs(cfg, b=2, t=12, seed=0):
   return tokens, positions, segments
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_float32_forward_matches_numpy_reference(tiny_cfg, tie):
-  cfg = dataclasses.replace(tiny_cfg, dtype="float32", tie_embeddings=tie, vocab_size=96, init_std=0.2)
+@pytest.mark.parametrize("variant", [dict(), dict(tie_embeddings=True), dict(qkv_bias=True), dict(sliding_window=3),
+                                     dict(rope_scaling="linear", rope_scaling_factor=4.0),
+                                     dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=64,
+                                          rope_theta=500.0)])
+def test_float32_forward_matches_numpy_reference(tiny_cfg, variant):
+  cfg = dataclasses.replace(tiny_cfg, dtype="float32", vocab_size=96, init_std=0.2, **variant)
   model = Transformer(cfg, nnx.Rngs(1))
+  if cfg.qkv_bias:  # biases start at zero; make them matter
+    for name in ("q_bias", "k_bias", "v_bias"):
+      var = getattr(model.blocks.attn, name)
+      var[...] = jax.random.normal(jax.random.key(len(name)), var[...].shape)
   tokens, positions, segments = _inputs(cfg)
   got = np.asarray(model(tokens, positions, segments))
   want = reference_logits(_np_params(model), cfg, tokens, positions, segments)

@@ -44,6 +44,15 @@ class ModelConfig:
   mlp_dim: int = 1408
   max_seq_len: int = 512
   rope_theta: float = 10000.0
+  # RoPE frequency scaling for context extension: "linear" (position
+  # interpolation: positions / factor) or "llama3" (Llama 3.1's per-band rule).
+  rope_scaling: str = "none"  # none | linear | llama3
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_len: int = 8192  # llama3 only
+  sliding_window: int = 0  # 0: full causal attention (Mistral: 4096)
+  qkv_bias: bool = False  # Qwen2
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = "bfloat16"  # matmul input dtype; accumulation is float32
@@ -57,6 +66,8 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                        f"model.n_kv_heads={self.n_kv_heads}")
+    if self.rope_scaling not in ("none", "linear", "llama3"):
+      raise ValueError(f"model.rope_scaling={self.rope_scaling!r}; expected none, linear or llama3")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r}; expected one of "
                        f"{sorted(REMAT_POLICIES)}")
@@ -68,6 +79,8 @@ class ModelConfig:
   def num_params(self, embeddings=True):
     d, f, h = self.d_model, self.mlp_dim, self.head_dim
     attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+    if self.qkv_bias:
+      attn += h * (self.n_heads + 2 * self.n_kv_heads)
     block = attn + 3 * d * f + 2 * d
     emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return self.n_layers * block + d + (emb if embeddings else 0)
@@ -163,10 +176,28 @@ class RMSNorm(nnx.Module):
     return x * self.scale[...]
 
 
-def rope(x_btnh, positions_bt, theta):
+def rope_frequencies(cfg):
+  """Inverse frequencies [H/2] of the rotary embedding, after any scaling."""
+  h = cfg.head_dim
+  inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  if cfg.rope_scaling == "linear":
+    return inv_freq / cfg.rope_scaling_factor
+  if cfg.rope_scaling == "llama3":
+    # Long wavelengths are interpolated by `factor`, short ones kept, and the
+    # band between them blended linearly in 1/wavelength (Llama 3.1).
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+    smooth = ((cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor)
+              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    blended = (1 - smooth) * inv_freq / cfg.rope_scaling_factor + smooth * inv_freq
+    return jnp.where(wavelen < high_wavelen, inv_freq,
+                     jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_scaling_factor, blended))
+  return inv_freq
+
+
+def rope(x_btnh, positions_bt, inv_freq):
   """Rotary embedding in the rotate-half layout (as Hugging Face Llama)."""
-  h = x_btnh.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
   angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # B T H/2
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -174,12 +205,21 @@ def rope(x_btnh, positions_bt, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(segment_ids_bt):
-  """Causal mask that also keeps packed documents apart: B 1 1 T S."""
-  t = segment_ids_bt.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  same_doc = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  return (causal & same_doc)[:, None, None, :, :]
+def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt=None, k_seg_bs=None, window=0):
+  """Which keys each query sees: B 1 1 T S.
+
+  Causal by position, within the same segment (packed documents never see
+  each other; positions restart per document and grow along the row), keys
+  with a negative position are empty cache slots, and with a sliding window
+  only the last `window` positions are visible.
+  """
+  q, k = q_pos_bt[:, :, None], k_pos_bs[:, None, :]
+  mask = (k <= q) & (k >= 0)
+  if q_seg_bt is not None:
+    mask &= q_seg_bt[:, :, None] == k_seg_bs[:, None, :]
+  if window:
+    mask &= q - k < window
+  return mask[:, None, None, :, :]
 
 
 class Attention(nnx.Module):
@@ -190,24 +230,44 @@ class Attention(nnx.Module):
     self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std)
     self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
     self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
+    if cfg.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((n, h)), out_sharding=("heads", "head_dim"), eager_sharding=False)
+      self.k_bias = nnx.Param(jnp.zeros((k, h)), out_sharding=("kv_heads", "head_dim"), eager_sharding=False)
+      self.v_bias = nnx.Param(jnp.zeros((k, h)), out_sharding=("kv_heads", "head_dim"), eager_sharding=False)
     # Scaled down with depth as in GPT-2, so the residual stream stays O(1).
     out_std = std / math.sqrt(2 * cfg.n_layers)
     self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
 
-  def __call__(self, x_btd, positions_bt, mask):
+  def _project(self, x_btd, name):
+    y = _matmul("btd,dnh->btnh", x_btd, getattr(self, name)[...], self.cfg.compute_dtype)
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, name + "_bias")[...]
+    return y
+
+  def __call__(self, x_btd, positions_bt, mask, kv_cache=None, cache_index=None):
+    """Self-attention; with `kv_cache` ((k, v), each B S K H), the new keys and
+    values are written at slot `cache_index` and the queries attend over the
+    whole cache. Returns the output, and the updated cache when given one."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     b, t, _ = x_btd.shape
     g = cfg.n_heads // cfg.n_kv_heads
-    q_btnh = rope(_matmul("btd,dnh->btnh", x_btd, self.q[...], dt), positions_bt, cfg.rope_theta)
-    k_bskh = rope(_matmul("bsd,dkh->bskh", x_btd, self.k[...], dt), positions_bt, cfg.rope_theta)
-    v_bskh = _matmul("bsd,dkh->bskh", x_btd, self.v[...], dt)
+    inv_freq = rope_frequencies(cfg)
+    q_btnh = rope(self._project(x_btd, "q"), positions_bt, inv_freq)
+    k_bskh = rope(self._project(x_btd, "k"), positions_bt, inv_freq)
+    v_bskh = self._project(x_btd, "v")
+    if kv_cache is not None:
+      k_cache, v_cache = kv_cache
+      k_bskh = jax.lax.dynamic_update_slice(k_cache, k_bskh.astype(k_cache.dtype), (0, cache_index, 0, 0))
+      v_bskh = jax.lax.dynamic_update_slice(v_cache, v_bskh.astype(v_cache.dtype), (0, cache_index, 0, 0))
+      kv_cache = (k_bskh, v_bskh)
     q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim) / math.sqrt(cfg.head_dim)
     logits_bkgts = _matmul("btkgh,bskh->bkgts", q_btkgh, k_bskh, dt)
     logits_bkgts = jnp.where(mask, logits_bkgts, jnp.finfo(jnp.float32).min)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
     out_btkgh = _matmul("bkgts,bskh->btkgh", probs_bkgts, v_bskh, dt)
     out_btnh = out_btkgh.reshape(b, t, cfg.n_heads, cfg.head_dim)
-    return _matmul("btnh,nhd->btd", out_btnh, self.o[...], dt)
+    out_btd = _matmul("btnh,nhd->btd", out_btnh, self.o[...], dt)
+    return out_btd if kv_cache is None else (out_btd, kv_cache)
 
 
 class MLP(nnx.Module):
@@ -235,10 +295,14 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_btd, positions_bt, mask):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, mask)
+  def __call__(self, x_btd, positions_bt, mask, kv_cache=None, cache_index=None):
+    attn = self.attn(self.attn_norm(x_btd), positions_bt, mask, kv_cache, cache_index)
+    if kv_cache is not None:
+      attn, kv_cache = attn
+    x_btd = x_btd + attn
     x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-    return sharding.constrain(x_btd, ("batch", "seq", "embed"))
+    x_btd = sharding.constrain(x_btd, ("batch", "seq", "embed"))
+    return x_btd if kv_cache is None else (x_btd, kv_cache)
 
 
 class Transformer(nnx.Module):
@@ -259,35 +323,72 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
-  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
-    """Final-norm hidden states B T D (float32)."""
+  def init_cache(self, batch_size, max_len, dtype=None):
+    """An empty KV cache for `max_len` slots.
+
+    k, v: L B S K H, one slot per token (not per position: rows of different
+    lengths share slot indices and keep their own positions); pos: B S, the
+    position of the token in each slot, -1 while empty; index: the next slot.
+    """
+    cfg = self.cfg
+    shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.full((batch_size, max_len), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None):
+    """Final-norm hidden states B T D (float32), and the updated cache if given.
+
+    With a cache, tokens whose segment id is 0 (padding of shorter prompts)
+    are stored as empty slots, so no later token attends to them.
+    """
     cfg = self.cfg
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones_like(tokens_bt)
-    mask = attention_mask(segment_ids_bt)
+    if cache is None:
+      mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt, cfg.sliding_window)
+    else:
+      index = cache["index"]
+      new_pos = jnp.where(segment_ids_bt > 0, positions_bt, -1).astype(jnp.int32)
+      cache_pos = jax.lax.dynamic_update_slice(cache["pos"], new_pos, (0, index))
+      mask = attention_mask(positions_bt, cache_pos, window=cfg.sliding_window)
     x_btd = jnp.take(self.embed[...], tokens_bt, axis=0)
     x_btd = sharding.constrain(x_btd, ("batch", "seq", "embed"))
 
     graphdef, state = nnx.split(self.blocks)
 
-    def layer(x_btd, layer_state):
-      return nnx.merge(graphdef, layer_state)(x_btd, positions_bt, mask), None
+    def layer(x_btd, xs):
+      block = nnx.merge(graphdef, xs[0])
+      if cache is None:
+        return block(x_btd, positions_bt, mask), None
+      return block(x_btd, positions_bt, mask, xs[1], index)
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    xs = (state,) if cache is None else (state, (cache["k"], cache["v"]))
     if cfg.scan_layers:
-      x_btd, _ = jax.lax.scan(layer, x_btd, state)
+      x_btd, kv = jax.lax.scan(layer, x_btd, xs)
     else:
+      outs = []
       for i in range(cfg.n_layers):
-        x_btd, _ = layer(x_btd, jax.tree.map(lambda a: a[i], state))
-    return self.final_norm(x_btd)
+        x_btd, out = layer(x_btd, jax.tree.map(lambda a: a[i], xs))
+        outs.append(out)
+      kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    h_btd = self.final_norm(x_btd)
+    if cache is None:
+      return h_btd
+    return h_btd, {"k": kv[0], "v": kv[1], "pos": cache_pos, "index": index + tokens_bt.shape[1]}
 
   def logits(self, h_btd):
     if self.cfg.tie_embeddings:
       return _matmul("btd,vd->btv", h_btd, self.embed[...], self.cfg.compute_dtype)
     return _matmul("btd,dv->btv", h_btd, self.unembed[...], self.cfg.compute_dtype)
 
-  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
-    return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None):
+    """Logits B T V (float32); with a cache, (logits, updated cache)."""
+    if cache is None:
+      return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
+    h_btd, cache = self.hidden(tokens_bt, positions_bt, segment_ids_bt, cache)
+    return self.logits(h_btd), cache
