@@ -97,3 +97,44 @@ def check_compatible(meta, model_cfg_dict, tokenizer_bytes, where):
     raise CheckpointError(f"checkpoint {where} was trained with a different tokenizer than "
                           "config.data.tokenizer; use the same tokenizer or a new --workdir")
   logging.info("checkpoint %s matches the model and tokenizer", where)
+
+
+def resolve_step_dir(path):
+  """(manager directory, step) for a workdir, its checkpoints/ dir or a step dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(base)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint {path} does not exist")
+  steps = [int(d) for d in os.listdir(path) if d.isdigit()]
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {path} (expected numbered step directories)")
+  return path, max(steps)
+
+
+def restore_params(path, abstract_params):
+  """Restores only the parameters of a training checkpoint, and its meta.
+
+  `abstract_params` is the model's parameter State of ShapeDtypeStructs with
+  shardings; the optimizer state is never read, so a stage hand-off or a
+  generation run costs one copy of the weights.
+  """
+  directory, step = resolve_step_dir(path)
+  where = os.path.join(directory, str(step))
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"checkpoint {where} has no readable meta ({type(e).__name__}); "
+                          "it is truncated, corrupt or not an lmstack checkpoint") from e
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
+  except Exception as e:  # noqa: BLE001
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise CheckpointError(f"checkpoint {where}: parameters could not be restored ({type(e).__name__}: {first})") from e
+  return out["state"]["params"], meta

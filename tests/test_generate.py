@@ -76,3 +76,38 @@ def test_prompt_longer_than_context(model):
     generate(model, [[1] * 120], max_new_tokens=16)
   with pytest.raises(ConfigError, match="at least one token"):
     generate(model, [[]], max_new_tokens=4)
+
+
+@pytest.mark.slow
+def test_generate_tool_on_a_trained_checkpoint(tmp_path):
+  import os
+  import subprocess
+  import sys
+
+  from configs import pretrain
+  from lmstack import checkpoint as ckpt_lib
+  from lmstack.train import trainer
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = pretrain.get_config("runlocal")
+  config.train.update(steps=2, eval_every=0)
+  trainer.run(config, str(tmp_path))
+
+  # Parameters alone equal the full training state's parameters.
+  full = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
+  cfg = trainer.model_config(config)
+  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  params, meta = ckpt_lib.restore_params(str(tmp_path), target)
+  assert meta["model"]["d_model"] == cfg.d_model
+  raw = full.manager.restore(2)["state"]["params"]
+  ours, theirs = jax.tree.leaves(nnx.to_pure_dict(params)), jax.tree.leaves(raw)  # raw adds a "value" level
+  assert len(ours) == len(theirs) == len(jax.tree.leaves(abstract))
+  for a, b in zip(ours, theirs):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  out = subprocess.run([sys.executable, "tools/generate.py", f"--ckpt={tmp_path}", "--prompt=To be, or not",
+                        "--max_new_tokens=8"], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("=== 'To be, or not'\nTo be, or not")
+  assert "tokens in" in out.stderr

@@ -2,6 +2,7 @@
 
   python tools/bench.py                       # default and 100m presets
   python tools/bench.py --presets=default --batch_size=8 --seq_len=512 --steps=10
+  python tools/bench.py --mode=decode         # KV-cache decoding vs recomputing the prefix
 
 The MFU denominator is this machine's matmul peak measured in the same run
 (bf16 inputs, float32 accumulation, a 2048^3 matmul per device), so ratios are
@@ -22,6 +23,32 @@ _SEQ = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Measured steps (after 2 warm-up steps).")
 _REMAT = flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Matmul input dtype.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode"], "What to measure.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "decode: prompt length.")
+
+
+def bench_decode(name, batch_size, prompt_len, new_tokens, dtype):
+  """Greedy decoding tokens/s with the KV cache and by recomputing the prefix."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from lmstack.model.generate import generate, generate_without_cache
+  from lmstack.model.transformer import PRESETS, Transformer
+
+  cfg = dataclasses.replace(PRESETS[name], dtype=dtype)
+  model = Transformer(cfg, nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  prompts = [list(map(int, rng.integers(4, cfg.vocab_size, prompt_len))) for _ in range(batch_size)]
+  out = {}
+  for label, fn in (("kv_cache", generate), ("recompute", generate_without_cache)):
+    fn(model, prompts, max_new_tokens=new_tokens)  # compile
+    t0 = time.perf_counter()
+    tokens = fn(model, prompts, max_new_tokens=new_tokens)
+    jax.effects_barrier()
+    out[label] = sum(len(t) for t in tokens) / (time.perf_counter() - t0)
+  return out
 
 
 def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak):
@@ -74,6 +101,15 @@ def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak):
 def main(argv):
   del argv
   import jax
+  if _MODE.value == "decode":
+    print(f"greedy decoding, batch {_BATCH.value}, prompt {_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, "
+          f"dtype {_DTYPE.value}")
+    print(f"{'preset':>8} {'kv-cache tok/s':>15} {'recompute tok/s':>16} {'speed-up':>9}")
+    for name in _PRESETS.value:
+      r = bench_decode(name, _BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value, _DTYPE.value)
+      print(f"{name:>8} {r['kv_cache']:>15,.1f} {r['recompute']:>16,.1f} {r['kv_cache'] / r['recompute']:>8.1f}x",
+            flush=True)
+    return
   import jax.numpy as jnp
   from lmstack.metrics import measure_peak_flops
   peak = measure_peak_flops(dtype=jnp.bfloat16)
