@@ -40,6 +40,7 @@ class ShardedModel:
   frozen_sh: object
   replicated: NamedSharding
   init: object  # () -> (state, frozen), each array born with its sharding
+  trainable: str  # the regex that split params from frozen
 
 
 def init_sharded(model_cfg, trainable, tx, mesh, rules, seed):
@@ -63,7 +64,7 @@ def init_sharded(model_cfg, trainable, tx, mesh, rules, seed):
               "opt_state": sharding.state_shardings(abstract_state["opt_state"], mesh, rules)}
   frozen_sh = sharding.state_shardings(abstract_frozen, mesh, rules)
   return ShardedModel(graphdef, abstract_state, abstract_frozen, state_sh, frozen_sh, replicated,
-                      jax.jit(init, out_shardings=(state_sh, frozen_sh)))
+                      jax.jit(init, out_shardings=(state_sh, frozen_sh)), trainable)
 
 
 def jit_train_step(m, loss_fn, tx, schedule, accum_steps, data_sh):

@@ -31,7 +31,7 @@ from lmstack.errors import ConfigError, DataError
 from lmstack.metrics import MetricWriter, measure_peak_flops
 from lmstack.model.transformer import ModelConfig, Transformer
 from lmstack.train import losses, optim
-from lmstack.train.state import init_sharded, jit_train_step, with_shardings
+from lmstack.train.state import init_sharded, jit_train_step, trainable_filter, with_shardings
 from lmstack.train import step as step_lib
 
 
@@ -94,6 +94,19 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _load_init_from(path, model_cfg, tokenizer, m, mesh, rules):
+  """(trainable, frozen) parameters from a checkpoint, sharded like this run's."""
+  directory, step = ckpt_lib.resolve_step_dir(path)
+  where = os.path.join(directory, str(step))
+  ckpt_lib.check_compatible(ckpt_lib.Checkpointer(directory).read_meta(step), dataclasses.asdict(model_cfg),
+                            tokenizer.to_bytes(), where)
+  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))), nnx.Param)
+  target = with_shardings(abstract, sharding.state_shardings(abstract, mesh, rules))
+  params, _ = ckpt_lib.restore_params(where, target)
+  trainable, frozen = nnx.split_state(params, trainable_filter(m.trainable), ...)
+  return trainable, frozen
+
+
 def evaluate(eval_step, params, frozen, eval_ds, put, max_batches):
   """Mean held-out loss over up to `max_batches` batches (0: the whole split)."""
   loss_sum, weight = 0.0, 0.0
@@ -154,6 +167,15 @@ def run(config, workdir):
   meta = ckpt_lib.make_meta(config, dataclasses.asdict(model_cfg), tokenizer.to_bytes())
   latest = ckpt.latest_step()
   state, frozen = m.init()
+  if config.init_from:
+    # A stage starts from another run's parameters with a fresh optimizer
+    # (Adam's initial moments do not depend on the parameters). Frozen
+    # parameters are not in this run's checkpoints, so they are loaded from
+    # `init_from` on every start, resumes included.
+    trainable, frozen = _load_init_from(config.init_from, model_cfg, tokenizer, m, mesh, rules)
+    if latest is None:
+      state["params"] = trainable
+    del trainable
   if latest is not None:
     where = os.path.join(ckpt.directory, str(latest))
     ckpt_lib.check_compatible(ckpt.read_meta(latest), dataclasses.asdict(model_cfg), tokenizer.to_bytes(), where)
