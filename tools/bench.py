@@ -22,6 +22,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size (sequences).")
 _SEQ = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Measured steps (after 2 warm-up steps).")
 _REMAT = flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
+_SCAN = flags.DEFINE_enum("scan_layers", "preset", ["preset", "true", "false"], "Scan the layers or unroll them.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Matmul input dtype.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "decode"], "What to measure.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.")
@@ -51,7 +52,7 @@ def bench_decode(name, batch_size, prompt_len, new_tokens, dtype):
   return out
 
 
-def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak):
+def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak, scan="preset"):
   import jax
   import ml_collections
   import numpy as np
@@ -62,6 +63,8 @@ def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak):
   from lmstack.train.state import init_sharded, jit_train_step
 
   cfg = dataclasses.replace(PRESETS[name], remat=remat, dtype=dtype, max_seq_len=max(seq_len, PRESETS[name].max_seq_len))
+  if scan != "preset":
+    cfg = dataclasses.replace(cfg, scan_layers=scan == "true")
   mesh = sharding.make_mesh((1, -1, 1))
   rules = sharding.resolve_rules("fsdp")
   ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
@@ -119,7 +122,7 @@ def main(argv):
   header = f"{'preset':>8} {'params':>12} {'batch':>5} {'seq':>5} {'compile_s':>9} {'step_s med/min/max':>20} {'tokens/s':>10} {'GFLOP/tok':>9} {'MFU':>6}"
   print(header)
   for name in _PRESETS.value:
-    r = bench_preset(name, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value, _DTYPE.value, peak)
+    r = bench_preset(name, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value, _DTYPE.value, peak, _SCAN.value)
     times = f"{r['step_median_s']:.3f}/{r['step_min_s']:.3f}/{r['step_max_s']:.3f}"
     print(f"{r['preset']:>8} {r['params']:>12,} {r['batch']:>5} {r['seq']:>5} {r['compile_s']:>9.1f} {times:>20} "
           f"{r['tokens_per_s']:>10,.0f} {r['flops_per_token'] / 1e9:>9.3f} {r['mfu']:>6.1%}", flush=True)

@@ -33,7 +33,7 @@ def load_model(ckpt, dtype="float32"):
   from flax import nnx
 
   from lmstack import checkpoint as ckpt_lib
-  from lmstack.data.tokenizer import Tokenizer
+  from lmstack.data.tokenizer import tokenizer_from_bytes
   from lmstack.model.transformer import ModelConfig, Transformer
 
   directory, step = ckpt_lib.resolve_step_dir(ckpt)
@@ -46,7 +46,7 @@ def load_model(ckpt, dtype="float32"):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abs_params)
   params, _ = ckpt_lib.restore_params(f"{directory}/{step}", target)
-  tokenizer = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer_model"]))
+  tokenizer = tokenizer_from_bytes(base64.b64decode(meta["tokenizer_model"]))
   return nnx.merge(graphdef, params, rest), tokenizer
 
 
@@ -68,13 +68,13 @@ def main(argv):
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                   top_p=_TOP_P.value, stop_ids=[tok.eos_id], seed=_SEED.value)
+                   top_p=_TOP_P.value, stop_ids=tok.eos_ids, seed=_SEED.value)
     seconds = time.perf_counter() - t0
   except LmstackError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   for prompt, new in zip(prompts, out):
-    text = tok.decode([t for t in new if t != tok.eos_id])
+    text = tok.decode([t for t in new if t not in tok.eos_ids])
     print(f"=== {prompt!r}\n{prompt}{text}\n")
   n = sum(len(o) for o in out)
   print(f"{n} tokens in {seconds:.2f} s (including compilation)", file=sys.stderr)

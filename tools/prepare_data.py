@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # pylint: disable=g-import-not-at-top
 from lmstack import assets
 from lmstack.data import prepare
-from lmstack.data.tokenizer import Tokenizer
+from lmstack.data.tokenizer import load_tokenizer
 from lmstack.errors import LmstackError
 
 
@@ -36,7 +36,7 @@ def main(argv=None):
   try:
     stats = prepare.prepare_array_records(
         args.input,
-        Tokenizer.load(args.tokenizer),
+        load_tokenizer(args.tokenizer),
         args.output,
         num_shards=args.num_shards,
         jsonl_field=args.jsonl_field,

@@ -1,6 +1,6 @@
 """Grain pipeline for language modelling: packed next-token batches.
 
-  tok = Tokenizer.load(config.data.tokenizer)
+  tok = load_tokenizer(config.data.tokenizer)
   ds = make_lm_dataset(config.data, tok, seq_len=512, batch_size=8, seed=0)
   it = iter(ds)
   batch = next(it)          # dict of int32 [batch_size, seq_len] numpy arrays
@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from lmstack.data import sources
-from lmstack.data.tokenizer import Tokenizer
+from lmstack.data.tokenizer import AnyTokenizer, load_tokenizer
 from lmstack.errors import ConfigError, DataError
 
 FORMATS = ("text", "jsonl", "array_record", "tfds")
@@ -83,7 +83,7 @@ def documents(data_cfg: ml_collections.ConfigDict, split: str):
 class Tokenize:
   """Document -> int32 ids (no bos/eos); pre-tokenized arrays pass through."""
 
-  def __init__(self, tokenizer: Tokenizer):
+  def __init__(self, tokenizer: AnyTokenizer):
     self.tokenizer = tokenizer
 
   def __call__(self, doc) -> np.ndarray:
@@ -141,7 +141,7 @@ class PadBatch:
 
 def make_lm_dataset(
     data_cfg: ml_collections.ConfigDict,
-    tokenizer: Tokenizer | None,
+    tokenizer: AnyTokenizer | None,
     *,
     seq_len: int,
     batch_size: int,
@@ -176,7 +176,7 @@ def make_lm_dataset(
         f"shard_index={shard_index} must be in [0, shard_count={shard_count})"
     )
   if tokenizer is None:
-    tokenizer = Tokenizer.load(data_cfg.tokenizer)
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
   if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
     raise DataError(
         f"data.tokenizer {data_cfg.get('tokenizer', '')!r} has no bos or eos"
@@ -261,7 +261,7 @@ def _close_live_iterators():
 
 def split_tokens(
     data_cfg: ml_collections.ConfigDict,
-    tokenizer: Tokenizer | None,
+    tokenizer: AnyTokenizer | None,
     split: str,
     *,
     max_documents: int | None = None,
@@ -272,7 +272,7 @@ def split_tokens(
   in file order. ~0.3 s for the 1.8 MB default corpus.
   """
   if tokenizer is None:
-    tokenizer = Tokenizer.load(data_cfg.tokenizer)
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
   ds = documents(data_cfg, split)
   if max_documents is not None:
     ds = ds[:max_documents]

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lmstack import checkpoint as ckpt_lib
 from lmstack import sharding
 from lmstack.data import pipeline
-from lmstack.data.tokenizer import Tokenizer
+from lmstack.data.tokenizer import load_tokenizer
 from lmstack.errors import ConfigError, DataError
 from lmstack.metrics import MetricWriter, measure_peak_flops
 from lmstack.model.transformer import ModelConfig, Transformer
@@ -132,7 +132,7 @@ def run(config, workdir):
     raise ConfigError(f"config.train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} "
                       f"is not divisible by the {batch_axes} devices on the mesh's batch axes")
 
-  tokenizer = Tokenizer.load(config.data.tokenizer)
+  tokenizer = load_tokenizer(config.data.tokenizer)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise DataError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} pieces but "
                     f"config.model.vocab_size={model_cfg.vocab_size}; its ids would index past the embedding")
