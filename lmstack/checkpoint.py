@@ -11,14 +11,18 @@ checkpoint as the newest complete one.
 """
 
 import base64
+import dataclasses
 import json
 import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from lmstack import sharding
 from lmstack.errors import CheckpointError
+from lmstack.model.transformer import ModelConfig, Transformer
 
 
 class Checkpointer:
@@ -56,8 +60,7 @@ class Checkpointer:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
-      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-      raise CheckpointError(f"checkpoint {path} could not be restored ({type(e).__name__}: {first}); "
+      raise CheckpointError(f"checkpoint {path} could not be restored ({type(e).__name__}: {first_line(e)}); "
                             "it is truncated, corrupt or from another model") from e
     return out["state"], out["data"]
 
@@ -99,42 +102,156 @@ def check_compatible(meta, model_cfg_dict, tokenizer_bytes, where):
   logging.info("checkpoint %s matches the model and tokenizer", where)
 
 
-def resolve_step_dir(path):
-  """(manager directory, step) for a workdir, its checkpoints/ dir or a step dir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-    return os.path.dirname(path), int(base)
-  if not os.path.isdir(path):
-    raise CheckpointError(f"checkpoint {path} does not exist")
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()]
-  if not steps:
-    raise CheckpointError(f"no checkpoint in {path} (expected numbered step directories)")
-  return path, max(steps)
+def first_line(e):
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
 
 
-def restore_params(path, abstract_params):
-  """Restores only the parameters of a training checkpoint, and its meta.
+# ---------------------------------------------------------------------------
+# Parameters only: stage hand-off (init_from), generation, export.
+#
+# Two layouts hold parameters: a training checkpoint's `state` item
+# ({"step", "params", "opt_state"}, parameters as nnx.State, whose leaves are
+# saved as {"value": array}) and a params checkpoint's `params` item (a pure
+# dict, written by the Hugging Face import). `restore_params` reads either.
 
-  `abstract_params` is the model's parameter State of ShapeDtypeStructs with
-  shardings; the optimizer state is never read, so a stage hand-off or a
-  generation run costs one copy of the weights.
+
+def tree_get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def tree_set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def flatten_tree(tree, prefix=()):
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, sub in tree.items():
+    out.update(flatten_tree(sub, prefix + (key,)))
+  return out
+
+
+def default_mesh():
+  """One device: what import and export use unless given a mesh."""
+  return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def abstract_params(model_cfg, mesh=None, rules=None):
+  """A pure dict of ShapeDtypeStructs, each with its NamedSharding on `mesh`.
+
+  `rules` is a rule-set name or list (default "fsdp"); `mesh` defaults to one
+  device. This is also the target of a sharded restore.
   """
-  directory, step = resolve_step_dir(path)
+  mesh = mesh or default_mesh()
+  if not isinstance(rules, dict):  # resolve_rules' output passes through
+    rules = sharding.resolve_rules("fsdp" if rules is None else rules)
+  state = nnx.state(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))), nnx.Param)
+  shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nnx.to_pure_dict(state), shardings)
+
+
+def model_from_params(params, model_cfg):
+  """An nnx Transformer holding `params` (a pure dict, as `restore_params`
+  and `lmstack.convert.hf.load_hf_params` return)."""
+  graphdef, param_state, rest = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))),
+                                          nnx.Param, ...)
+  nnx.replace_by_pure_dict(param_state, params)
+  return nnx.merge(graphdef, param_state, rest)
+
+
+def resolve_step_dir(path, step=None):
+  """(checkpoint directory, step) for a params checkpoint, a training
+  workdir, its checkpoints/ directory, or one step directory of either."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint not found: {path} is not a directory")
+  if os.path.isdir(os.path.join(path, "checkpoints")):  # a training workdir
+    path = os.path.join(path, "checkpoints")
+  elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "meta")):  # one step
+    path, step = os.path.dirname(path), int(os.path.basename(path)) if step is None else step
+  steps = ocp.CheckpointManager(path).all_steps()
+  if not steps:
+    raise CheckpointError(f"{path} holds no complete checkpoint")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise CheckpointError(f"{path} has no step {step}; it has {sorted(steps)}")
+  return path, step
+
+
+def _model_config_from_meta(model, where):
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(model) - fields)
+  if unknown:
+    raise CheckpointError(f"{where}: its model config has fields this lmstack does not know: {unknown}")
+  try:
+    return ModelConfig(**model)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: invalid model config ({first_line(e)})") from None
+
+
+def restore_params(path, mesh=None, rules=None, step=None):
+  """Restores only the parameters of an lmstack checkpoint, sharded.
+
+  `path` is a params checkpoint (`lmstack.convert.hf.save_params_checkpoint`) or a training
+  workdir (or its checkpoints/ directory, or a step directory); a training
+  checkpoint's optimizer state is not read. The newest step unless `step`.
+
+  Returns:
+    (params, model_cfg, meta): params a pure dict of jax.Arrays placed on
+    `mesh` (default one device) under `rules` (default "fsdp").
+  """
+  directory, step = resolve_step_dir(path, step)
   where = os.path.join(directory, str(step))
-  manager = ocp.CheckpointManager(directory, item_handlers={
-      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-  try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {where} has no readable meta ({type(e).__name__}); "
-                          "it is truncated, corrupt or not an lmstack checkpoint") from e
-  try:
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
-  except Exception as e:  # noqa: BLE001
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    raise CheckpointError(f"checkpoint {where}: parameters could not be restored ({type(e).__name__}: {first})") from e
-  return out["state"]["params"], meta
+  item = "params" if os.path.isdir(os.path.join(where, "params")) else "state"
+  handlers = {"params": ocp.PyTreeCheckpointHandler(), "state": ocp.PyTreeCheckpointHandler(),
+              "meta": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      tree = manager.item_metadata(step)[item]
+    except Exception as e:  # noqa: BLE001 - any failure here means a damaged checkpoint
+      raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from None
+    model_cfg = _model_config_from_meta(meta.get("model", {}), where)
+    tree = getattr(tree, "tree", tree)
+    if item == "state":  # training: {"step", "params", "opt_state"}; params are nnx.State
+      if not isinstance(tree, dict) or "params" not in tree:
+        raise CheckpointError(f"checkpoint {where} has no params in its state item")
+      tree = tree["params"]
+    # nnx.State leaves are saved as {"value": array}; a pure dict's are arrays.
+    saved = {(p[:-1] if p[-1] == "value" else p): p for p in flatten_tree(tree)}
+    targets = abstract_params(model_cfg, mesh, rules)
+    flat_targets = flatten_tree(targets)
+    missing = sorted("/".join(p) for p in flat_targets if p not in saved)
+    if missing:
+      raise CheckpointError(f"checkpoint {where} lacks {len(missing)} parameter(s), e.g. {missing[0]} (a run "
+                            "that trained only some parameters saves only those)")
+    restore = {}
+    for p, target in flat_targets.items():
+      shape = tuple(getattr(tree_get(tree, saved[p]), "shape", target.shape))
+      if shape != target.shape:
+        raise CheckpointError(f"checkpoint {where}: {'/'.join(p)} has shape {list(shape)}, its model config "
+                              f"implies {list(target.shape)}")
+      tree_set(restore, saved[p], target)
+    if item == "state":
+      restore = {"params": restore}
+    args = ocp.args.PyTreeRestore(item=restore, restore_args=ocp.checkpoint_utils.construct_restore_args(restore),
+                                  partial_restore=True)
+    try:
+      out = manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {where} could not be restored ({type(e).__name__}: "
+                            f"{first_line(e)}); it is truncated or corrupt") from None
+  if item == "state":
+    out = out["params"]
+  params = {}
+  for p in flat_targets:
+    tree_set(params, p, tree_get(out, saved[p]))
+  return params, model_cfg, meta

@@ -186,9 +186,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_init_from_starts_from_another_runs_parameters(tmp_path):
   import jax
   import numpy as np
-  from flax import nnx
   from lmstack import checkpoint as ckpt_lib
-  from lmstack.model.transformer import Transformer
   trainer.run(_config(steps=3, eval_every=0), str(tmp_path / "source"))
   # lr 0: the first step leaves the parameters where init_from put them.
   config = _config(steps=1, eval_every=0)
@@ -196,12 +194,9 @@ def test_init_from_starts_from_another_runs_parameters(tmp_path):
   config.optim.update(lr=0.0, schedule="constant")
   config.seed = 7  # a different fresh init, so equality below means "loaded"
   trainer.run(config, str(tmp_path / "stage2"))
-  cfg = trainer.model_config(config)
-  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-  src, _ = ckpt_lib.restore_params(str(tmp_path / "source"), target)
-  dst, _ = ckpt_lib.restore_params(str(tmp_path / "stage2"), target)
+  src, _, _ = ckpt_lib.restore_params(str(tmp_path / "source"))
+  dst, _, _ = ckpt_lib.restore_params(str(tmp_path / "stage2"))
+  assert len(jax.tree.leaves(src)) == 9 + 3  # 9 stacked block params; embed, final norm, unembed
   for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(dst)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The stage's own step counter and schedule start from zero.

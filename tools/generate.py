@@ -26,28 +26,19 @@ _DTYPE = flags.DEFINE_string("dtype", "float32", "Matmul input dtype for decodin
 
 
 def load_model(ckpt, dtype="float32"):
-  """(model, tokenizer) from a training checkpoint."""
+  """(model, tokenizer) from a training workdir or a params checkpoint."""
   import base64
-
-  import jax
-  from flax import nnx
 
   from lmstack import checkpoint as ckpt_lib
   from lmstack.data.tokenizer import tokenizer_from_bytes
-  from lmstack.model.transformer import ModelConfig, Transformer
+  from lmstack.errors import CheckpointError
 
-  directory, step = ckpt_lib.resolve_step_dir(ckpt)
-  meta = ckpt_lib.Checkpointer(directory).read_meta(step)
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+  params, cfg, meta = ckpt_lib.restore_params(ckpt)
   cfg = dataclasses.replace(cfg, dtype=dtype, remat="none")
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-  graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abs_params)
-  params, _ = ckpt_lib.restore_params(f"{directory}/{step}", target)
+  if not meta.get("tokenizer_model"):
+    raise CheckpointError(f"checkpoint {ckpt} carries no tokenizer")
   tokenizer = tokenizer_from_bytes(base64.b64decode(meta["tokenizer_model"]))
-  return nnx.merge(graphdef, params, rest), tokenizer
+  return ckpt_lib.model_from_params(params, cfg), tokenizer
 
 
 def main(argv):

@@ -18,10 +18,8 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmstack import checkpoint as ckpt_lib
 from lmstack import sharding
@@ -100,11 +98,10 @@ def _load_init_from(path, model_cfg, tokenizer, m, mesh, rules):
   where = os.path.join(directory, str(step))
   ckpt_lib.check_compatible(ckpt_lib.Checkpointer(directory).read_meta(step), dataclasses.asdict(model_cfg),
                             tokenizer.to_bytes(), where)
-  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))), nnx.Param)
-  target = with_shardings(abstract, sharding.state_shardings(abstract, mesh, rules))
-  params, _ = ckpt_lib.restore_params(where, target)
-  trainable, frozen = nnx.split_state(params, trainable_filter(m.trainable), ...)
-  return trainable, frozen
+  params, _, _ = ckpt_lib.restore_params(where, mesh, rules)
+  state = nnx.state(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))), nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.split_state(state, trainable_filter(m.trainable), ...)
 
 
 def evaluate(eval_step, params, frozen, eval_ds, put, max_batches):
