@@ -6,9 +6,12 @@ The default trains the 17M-parameter `default` preset on the embedded corpus
 
   python -m lmstack.main --config=configs/pretrain.py --workdir=/tmp/lmstack/pretrain
 
-Arguments after the colon: `size=<preset>` (tiny, default, 34m, 100m, 1b, 7b, 70b)
-and `runlocal` (tiny model, a few steps: what the tests run), e.g.
+Arguments after the colon: `size=<preset>` (tiny, default, 34m, 100m, 1b, 7b, 70b),
+`init_from=<checkpoint>` (continue from a checkpoint, e.g. an imported Hugging
+Face model: its shape and tokenizer, a fresh optimizer) and `runlocal` (tiny
+model, a few steps: what the tests run), e.g.
   --config=configs/pretrain.py:size=100m
+  --config=configs/pretrain.py:init_from=ckpt/smollm
 Any field can be overridden: --config.train.steps=200 --config.optim.lr=3e-4
 """
 
@@ -23,7 +26,7 @@ ASSETS = os.path.join(os.path.dirname(lmstack.__file__), "assets")
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="default", runlocal=False)
+  arg = common.parse_arg(arg, size="default", runlocal=False, init_from="")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = common.model_section("tiny" if arg.runlocal else arg.size)
@@ -78,6 +81,8 @@ def get_config(arg=None):
       rules="fsdp",  # fsdp | fsdp_tp | dp (see lmstack/sharding.py)
   ))
 
+  if arg.init_from:
+    common.from_checkpoint(config, arg.init_from)
   if arg.runlocal:
     config.train.update(steps=4, batch_size=8, seq_len=64, log_every=1, eval_every=2, eval_batches=2,
                         checkpoint_every=2, peak_flops=0.0, report_unigram=False)

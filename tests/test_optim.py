@@ -43,8 +43,8 @@ def test_wsd_is_flat_then_decays(shape):
 def test_schedule_errors():
   with pytest.raises(ConfigError, match="schedule"):
     optim.make_schedule(_cfg(schedule="exp"), 100)
-  with pytest.raises(ConfigError, match="warmup_steps=10 must be below"):
-    optim.make_schedule(_cfg(), 10)
+  with pytest.raises(ConfigError, match="warmup_steps=10 must not exceed the 9 training steps"):
+    optim.make_schedule(_cfg(), 9)
 
 
 def test_weight_decay_skips_norms():

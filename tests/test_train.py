@@ -210,3 +210,16 @@ def test_init_from_of_another_shape_is_refused(tmp_path):
   config.model.mlp_dim = 128
   with pytest.raises(CheckpointError, match="mlp_dim: checkpoint 192 vs config 128"):
     trainer.run(config, str(tmp_path / "stage2"))
+
+
+def test_config_takes_model_and_tokenizer_from_init_from(tmp_path):
+  source = _config(steps=2, eval_every=0)
+  source.model.n_layers = 3
+  trainer.run(source, str(tmp_path / "source"))
+  config = pretrain.get_config(f"runlocal,init_from={tmp_path / 'source'}")
+  assert config.init_from == str(tmp_path / "source")
+  assert config.model.n_layers == 3 and config.model.d_model == source.model.d_model
+  assert config.data.tokenizer == source.data.tokenizer
+  config.train.update(steps=1, eval_every=0)
+  trainer.run(config, str(tmp_path / "stage2"))
+  assert sorted(_train_losses(tmp_path / "stage2")) == [1]

@@ -33,8 +33,8 @@ def make_schedule(cfg, total_steps):
   floor = cfg.min_lr_ratio * peak
   if cfg.schedule not in ("cosine", "wsd", "linear", "constant"):
     raise ConfigError(f"optim.schedule={cfg.schedule!r}; expected cosine, wsd, linear or constant")
-  if warmup >= total_steps and cfg.schedule != "constant":
-    raise ConfigError(f"optim.warmup_steps={warmup} must be below the {total_steps} training steps")
+  if warmup > total_steps and cfg.schedule != "constant":
+    raise ConfigError(f"optim.warmup_steps={warmup} must not exceed the {total_steps} training steps")
   decay_start = warmup
   if cfg.schedule == "wsd":
     decay_start = max(warmup, int(round(total_steps * (1 - cfg.decay_fraction))))
