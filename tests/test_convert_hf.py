@@ -6,8 +6,10 @@ transformers (torch CPU, float32, eager attention) and saved with
 load back into `AutoModelForCausalLM` with the same logits.
 """
 
+import base64
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -21,12 +23,15 @@ import pytest
 from safetensors import safe_open
 import safetensors.numpy
 import sentencepiece as spm
+import tokenizers
 import torch
 import transformers
 
 from lmstack import assets, sharding
 from lmstack.convert import hf
-from lmstack.errors import CheckpointError, ConfigError
+from lmstack.data.chat import CHATML_TEMPLATE, ChatTemplate
+from lmstack.data.tokenizer import load_tokenizer
+from lmstack.errors import CheckpointError, ConfigError, DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -172,6 +177,131 @@ def test_tokenizer_export(tmp_path):
   ids = tok(text)["input_ids"]
   assert ids == [2] + sp.EncodeAsIds(text)
   assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+# ---- Tokenizers: kept by the import, written by the export ----
+
+TOKEN_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_end|>"]  # 0..4; Llama's bos 1 and eos 2
+TEMPLATES = [{"name": "default", "template": CHATML_TEMPLATE},
+             {"name": "plain", "template": "{{ messages[0].content }}"}]
+MESSAGES = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+WORDS = "w1 w7 w90 <|im_end|> w3 nope"
+
+
+def _word_tokenizer(n_words):
+  """A tokenizers WordLevel tokenizer of len(TOKEN_SPECIALS) + n_words tokens."""
+  vocab = {t: i for i, t in enumerate(TOKEN_SPECIALS + [f"w{i}" for i in range(n_words)])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.add_special_tokens(TOKEN_SPECIALS)  # matched whole in text, at their vocabulary ids
+  return tok
+
+
+def _with_tokenizer(src, dst, tok, **configs):
+  """A copy of the HF model directory `src` with `tok` and config files."""
+  directory = _copy(src, dst)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  for name, obj in configs.items():
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+      json.dump(obj, f)
+  return directory
+
+
+def _read_json(*path):
+  with open(os.path.join(*map(str, path))) as f:
+    return json.load(f)
+
+
+def test_import_keeps_the_tokenizer_and_export_writes_it(hf_model, tmp_path, caplog):
+  directory = _with_tokenizer(
+      hf_model("llama")[0], tmp_path / "m", _word_tokenizer(95),  # 100 tokens for 128 embedding rows
+      tokenizer_config={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+                        "chat_template": TEMPLATES},
+      generation_config={"bos_token_id": 1, "eos_token_id": [2, 4]})  # two stop tokens, as Llama 3's
+  tok = load_tokenizer(directory)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_ids, tok.pad_id, tok.unk_id) == (100, 1, [2, 4], 3, 0)
+  with caplog.at_level(logging.WARNING):
+    hf.import_checkpoint(directory, tmp_path / "ckpt", dtype="float32")
+  warnings = [r.getMessage() for r in caplog.records if "tokenizer" in r.getMessage()]
+  assert len(warnings) == 1 and "has 100 tokens, fewer than the 128 rows" in warnings[0], warnings
+  _, _, meta = hf.load_params_checkpoint(tmp_path / "ckpt")
+  assert base64.b64decode(meta["tokenizer_model"]) == tok.to_bytes()  # what a run on `directory` compares
+
+  hf.export_checkpoint(tmp_path / "ckpt", tmp_path / "out")
+  out = tmp_path / "out"
+  assert (out / "tokenizer.json").read_bytes() == open(os.path.join(directory, "tokenizer.json"), "rb").read()
+  assert _read_json(out, "tokenizer_config.json") == {
+      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+      "unk_token": "<unk>", "chat_template": TEMPLATES, "clean_up_tokenization_spaces": False,
+      "model_max_length": 2048}
+  for name in ("config.json", "generation_config.json"):
+    ids = _read_json(out, name)
+    assert (ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]) == (1, [2, 4], 3), name
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert hf_tok.encode(WORDS, add_special_tokens=False) == tok.encode(WORDS) == [6, 12, 95, 4, 8, 0]
+  assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.unk_token_id) == (1, 2, 3, 0)
+  assert hf_tok.apply_chat_template(MESSAGES, tokenize=False) == ChatTemplate.from_tokenizer(tok).render_chat(
+      MESSAGES)
+  # The export reads back as the very same tokenizer: importing it again
+  # gives a checkpoint that trains on with this run's tokenizer check.
+  assert load_tokenizer(str(out)).to_bytes() == tok.to_bytes()
+
+
+def test_import_refuses_a_tokenizer_larger_than_the_embedding(hf_model, tmp_path):
+  tok = _word_tokenizer(123)  # 128 tokens: as many as the embedding table's rows ...
+  tok.add_special_tokens(["<|extra|>"])  # ... and an added token above them, id 128
+  directory = _with_tokenizer(hf_model("llama")[0], tmp_path / "m", tok)
+  assert load_tokenizer(directory).vocab_size == 129  # added tokens count
+  with pytest.raises(CheckpointError) as e:
+    hf.import_checkpoint(directory, tmp_path / "ckpt")
+  assert "the tokenizer has 129 tokens but config.json's vocab_size is 128" in _one_line(e)
+  assert not os.path.exists(tmp_path / "ckpt")  # refused before anything was written
+
+
+def test_import_without_a_tokenizer_and_export_with_another(hf_model, tmp_path):
+  directory = hf_model("llama")[0]
+  hf.import_checkpoint(directory, tmp_path / "ckpt")
+  _, _, meta = hf.load_params_checkpoint(tmp_path / "ckpt")
+  assert "tokenizer_model" not in meta
+  hf.export_checkpoint(tmp_path / "ckpt", tmp_path / "out")
+  assert not {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} & set(os.listdir(tmp_path / "out"))
+  config = _read_json(tmp_path / "out", "config.json")
+  assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)  # the source's
+
+  # --tokenizer: a tokenizer.json, or a Hugging Face directory (its configs too).
+  tok_dir = _with_tokenizer(directory, tmp_path / "tok", _word_tokenizer(10),
+                            tokenizer_config={"bos_token": "<s>", "eos_token": "</s>"})
+  hf.export_checkpoint(tmp_path / "ckpt", tmp_path / "out2", tokenizer_path=os.path.join(tok_dir, "tokenizer.json"))
+  config = _read_json(tmp_path / "out2", "tokenizer_config.json")
+  assert config["bos_token"] is config["eos_token"] is None  # a bare file names none
+  hf.export_checkpoint(tmp_path / "ckpt", tmp_path / "out3", tokenizer_path=tok_dir)
+  assert _read_json(tmp_path / "out3", "tokenizer_config.json")["eos_token"] == "</s>"
+  assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out3").encode(
+      "w1 w9", add_special_tokens=False) == [6, 14]
+  with pytest.raises(DataError) as e:
+    hf.export_checkpoint(tmp_path / "ckpt", tmp_path / "out4", tokenizer_path=tmp_path / "nowhere")
+  assert "tokenizer not found" in _one_line(e) and not os.path.exists(tmp_path / "out4")
+
+
+def test_export_sentencepiece_with_a_chat_template(tmp_path):
+  # A SentencePiece model with a tokenizer_config (an envelope, not raw
+  # proto bytes): the .model as it is, plus its template and stop tokens.
+  raw = open(assets.resolve(assets.DEFAULT_TOKENIZER), "rb").read()
+  (tmp_path / "sp").mkdir()
+  (tmp_path / "sp" / "tokenizer.model").write_bytes(raw)
+  (tmp_path / "sp" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
+  (tmp_path / "sp" / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 1]}))
+  cfg = hf.hf_to_model_config(dict(TINY, vocab_size=8192, architectures=["LlamaForCausalLM"]))
+  hf.save_hf(_random_params(cfg), cfg, tmp_path / "out", tokenizer_path=str(tmp_path / "sp"))
+  assert (tmp_path / "out" / "tokenizer.model").read_bytes() == raw
+  config = _read_json(tmp_path / "out", "tokenizer_config.json")
+  assert config["tokenizer_class"] == "LlamaTokenizer" and config["chat_template"] == CHATML_TEMPLATE
+  assert _read_json(tmp_path / "out", "generation_config.json")["eos_token_id"] == [3, 1]
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+  text = tok.apply_chat_template(MESSAGES, tokenize=False)
+  assert text == "<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\nw3<|im_end|>\n"
+  assert tok(text)["input_ids"] == [2] + spm.SentencePieceProcessor(model_file=str(tmp_path / "sp" / "tokenizer.model")
+                                                                   ).EncodeAsIds(text)
 
 
 def test_params_checkpoint_roundtrip_sharded(hf_model, tmp_path):

@@ -9,14 +9,21 @@
 Supported: LlamaForCausalLM (incl. llama3/linear RoPE scaling, tied
 embeddings), MistralForCausalLM, Qwen2ForCausalLM; see lmstack/convert/hf.py.
 A params checkpoint is an Orbax directory with step 0 holding `params` and
-`meta` (the ModelConfig, the source directory and its config.json).
+`meta` (the ModelConfig, the source directory and its config.json, and the
+directory's tokenizer when it has one: then a run with
+--config.init_from=CKPT --config.data.tokenizer=HF_DIR, and
+tools/generate.py --ckpt=CKPT, use it). A tokenizer with more tokens than the
+embedding table has rows is refused; one with fewer is imported with a warning.
 
 Export writes config.json, generation_config.json, model.safetensors (or
 shards of at most --max_shard_size and model.safetensors.index.json) and the
-tokenizer: --tokenizer=FILE.model, or by default the one a training
-checkpoint was made with. `transformers.AutoModelForCausalLM.from_pretrained`
-and `AutoTokenizer.from_pretrained` load the result. Mistakes print one line
-and exit with status 1.
+tokenizer: by default the checkpoint's own (a training run's, or the one an
+import kept), else --tokenizer=FILE.model, a tokenizer.json or a Hugging Face
+directory. SentencePiece becomes tokenizer.model (LlamaTokenizer), a Hugging
+Face tokenizer its tokenizer.json as it was (PreTrainedTokenizerFast), with
+the special tokens and chat template. `transformers.AutoModelForCausalLM
+.from_pretrained` and `AutoTokenizer.from_pretrained` load the result.
+Mistakes print one line and exit with status 1.
 """
 
 import logging
@@ -35,8 +42,8 @@ _CKPT = flags.DEFINE_string("ckpt", None, "export: a params checkpoint or a trai
 _OUT = flags.DEFINE_string("out", None, "The output directory (new or empty).")
 _STEP = flags.DEFINE_integer("step", None, "export: the checkpoint step (default the newest).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: the tensors' dtype.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "export: a SentencePiece .model to include (default: a "
-                                 "training checkpoint's own tokenizer, if any).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "export: the tokenizer to include: a SentencePiece .model, a "
+                                 "tokenizer.json or a Hugging Face directory (default: the checkpoint's own, if any).")
 _ARCH = flags.DEFINE_string("architecture", "auto", "export: LlamaForCausalLM, MistralForCausalLM, "
                             "Qwen2ForCausalLM, or auto (the source's, else what the model needs).")
 _MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "export: the largest safetensors file (e.g. 2GB, 500MB).")

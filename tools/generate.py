@@ -56,7 +56,8 @@ def main(argv):
     return 1
   try:
     model, tok = load_model(_CKPT.value, _DTYPE.value)
-    ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    bos = [tok.bos_id] if tok.bos_id >= 0 else []  # some tokenizers (Qwen2) have no bos
+    ids = [bos + tok.encode(p) for p in prompts]
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                    top_p=_TOP_P.value, stop_ids=tok.eos_ids, seed=_SEED.value)

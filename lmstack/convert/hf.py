@@ -27,10 +27,22 @@ Export:
   hf.save_hf(params, cfg, out_dir, tokenizer_path="tok.model", dtype="bfloat16")
 
 writes config.json, generation_config.json, model.safetensors (or shards and
-model.safetensors.index.json) and, given a SentencePiece model, tokenizer.model
-and a tokenizer_config.json that transformers' `AutoTokenizer` loads (it
-converts the .model itself, which needs the `sentencepiece` and `protobuf`
-packages on the reader's side).
+model.safetensors.index.json) and, given a tokenizer, the files transformers'
+`AutoTokenizer` loads: for a SentencePiece model tokenizer.model and a
+LlamaTokenizer tokenizer_config.json (transformers converts the .model itself,
+which needs the `sentencepiece` and `protobuf` packages on the reader's side);
+for a Hugging Face tokenizer its tokenizer.json, byte for byte, and a
+PreTrainedTokenizerFast tokenizer_config.json. The special tokens and chat
+template are the tokenizer's own (what lmstack trained with), and config.json's
+bos/eos/pad ids come from them.
+
+Tokenizers. `import_checkpoint` stores the HF directory's tokenizer (what
+`load_tokenizer(hf_dir)` reads) in the params checkpoint's meta, as training
+checkpoints do; so a run with `init_from=<ckpt>` and `data.tokenizer=<hf_dir>`
+passes the trainer's same-tokenizer check, tools/generate.py finds it, and
+export writes it back. A tokenizer with more tokens than the embedding table
+has rows is refused (its ids would index past it); one with fewer is allowed
+(Qwen2 pads its table to 151,936 rows for 151,665 tokens), with a warning.
 
 Layouts. lmstack stores the L layers stacked on a leading axis and splits
 heads out of the projection matrices; HF stores one torch `Linear` weight
@@ -57,6 +69,7 @@ import contextlib
 import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 
@@ -67,7 +80,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import safe_open
 import safetensors.numpy
-import sentencepiece as spm
 
 # model_from_params and load_params_checkpoint are re-exported: import and export are used with them.
 from lmstack.checkpoint import (abstract_params, first_line, flatten_tree, model_from_params,  # noqa: F401
@@ -493,12 +505,14 @@ def load_hf_params(hf_dir, model_cfg=None, mesh=None, rules=None):
 # lmstack params checkpoints
 
 
-def save_params_checkpoint(path, params, model_cfg, source=None, hf_config=None):
+def save_params_checkpoint(path, params, model_cfg, source=None, hf_config=None, tokenizer=None):
   """Writes an Orbax params checkpoint: `path/0/{params,meta}`.
 
   `params` is a pure dict (or nnx.State) of arrays; `meta` is {"model":
   the ModelConfig as a dict, "source": where the weights came from,
-  "hf_config": the imported config.json}.
+  "hf_config": the imported config.json} and, given `tokenizer` (an lmstack
+  tokenizer), "tokenizer_model": base64 of its `to_bytes()`, the key and
+  encoding of a training checkpoint's meta (`lmstack.checkpoint.make_meta`).
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.isdir(path) and os.listdir(path):
@@ -506,6 +520,8 @@ def save_params_checkpoint(path, params, model_cfg, source=None, hf_config=None)
   if isinstance(params, nnx.State):
     params = nnx.to_pure_dict(params)
   meta = {"model": dataclasses.asdict(model_cfg), "source": source, "hf_config": hf_config}
+  if tokenizer is not None:
+    meta["tokenizer_model"] = base64.b64encode(tokenizer.to_bytes()).decode("ascii")
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   with ocp.CheckpointManager(path, options=options) as manager:
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
@@ -517,19 +533,15 @@ def save_params_checkpoint(path, params, model_cfg, source=None, hf_config=None)
 # Export
 
 
-def _sentencepiece(tokenizer, name=None):
-  """A SentencePieceProcessor from a .model path or its serialized bytes."""
+def _export_tokenizer(tokenizer, name=None):
+  """The lmstack tokenizer of `save_hf`'s `tokenizer_path`: a path (`.model`,
+  tokenizer.json, Hugging Face directory, or a file of `to_bytes()`), the
+  bytes of `to_bytes()` (a checkpoint's meta), or a tokenizer object."""
   if isinstance(tokenizer, (bytes, bytearray)):
-    blob, name = bytes(tokenizer), name or "<bytes>"
-  else:
-    name = os.fspath(tokenizer)
-    blob = tokenizer_lib.Tokenizer.load(name).to_bytes()
-  sp = spm.SentencePieceProcessor()
-  try:
-    sp.LoadFromSerializedProto(blob)
-  except (RuntimeError, OSError) as e:
-    raise CheckpointError(f"tokenizer {name} is not a SentencePiece model ({first_line(e)})") from None
-  return sp, blob
+    return tokenizer_lib.tokenizer_from_bytes(bytes(tokenizer), name=name or "<bytes>")
+  if isinstance(tokenizer, (str, os.PathLike)):
+    return tokenizer_lib.load_tokenizer(os.fspath(tokenizer))
+  return tokenizer
 
 
 def _write_json(path, obj):
@@ -538,33 +550,73 @@ def _write_json(path, obj):
     f.write("\n")
 
 
-def _write_tokenizer(sp, blob, out_dir, model_max_length):
-  """tokenizer.model and a tokenizer_config.json for transformers' LlamaTokenizer.
+def _token_ids(tok):
+  """config.json / generation_config.json ids of a tokenizer (None: unset).
 
-  transformers finds the special tokens by their piece strings, so the
-  config names the pieces at the model's own pad/unk/bos/eos ids (lmstack's:
-  0, 1, 2, 3); the prefix-space setting mirrors the model's add_dummy_prefix
-  (lmstack's tokenizers have none), so HF encodes as SentencePiece does.
+  Every stop id goes in eos_token_id (a list when there are several, as in
+  Llama 3's generation_config.json), so generation stops where lmstack's does.
   """
-  def piece(i):
-    return sp.IdToPiece(i) if i >= 0 else None
+  eos = tok.eos_ids
+  return {"bos_token_id": tok.bos_id if tok.bos_id >= 0 else None,
+          "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
+          "pad_token_id": tok.pad_id if tok.pad_id >= 0 else None}
 
-  with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
-    f.write(blob)
-  special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
-             "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id())}
-  pieces = sp.EncodeAsPieces("a")
-  _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-      "tokenizer_class": "LlamaTokenizer",
-      **special,
-      "add_bos_token": True,
-      "add_eos_token": False,
-      "add_prefix_space": bool(pieces) and pieces[0].startswith("\u2581"),
-      "legacy": False,
-      "clean_up_tokenization_spaces": False,
-      "model_max_length": model_max_length,
-  })
-  _write_json(os.path.join(out_dir, "special_tokens_map.json"), {k: v for k, v in special.items() if v})
+
+def _hf_chat_template(template):
+  """tokenizer_config.json's chat_template: a string, or transformers' list
+  of {"name", "template"} for lmstack's {name: template}."""
+  if isinstance(template, dict):
+    return [{"name": k, "template": v} for k, v in template.items()]
+  return template
+
+
+def _special_tokens(tok):
+  """bos/eos/unk/pad_token (None when unset) and any other special tokens
+  (additional_special_tokens, cls_token, ...) of the tokenizer, as strings."""
+  tokens = tok.special_tokens
+  return {**tokens, **{f"{k}_token": tokens.get(f"{k}_token") for k in ("bos", "eos", "unk", "pad")}}
+
+
+def _write_tokenizer(tok, out_dir, model_max_length):
+  """The tokenizer files transformers' AutoTokenizer loads, for either kind.
+
+  The special tokens and chat template are the tokenizer's resolved ones
+  (`tok.special_tokens`), which are what lmstack trained with.
+  """
+  # The payload is the tokenizer file itself (the .model proto or the
+  # tokenizer.json text, as read); to_bytes() may wrap it in an envelope.
+  payload = tok._payload()  # pylint: disable=protected-access
+  special = _special_tokens(tok)
+  if tok.kind == "hf":
+    with open(os.path.join(out_dir, tokenizer_lib.HF_TOKENIZER_FILE), "wb") as f:
+      f.write(payload)
+    # Whether bos is prepended is the tokenizer.json post-processor's business,
+    # as for any fast tokenizer; the config only names the special tokens.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+              "clean_up_tokenization_spaces": False, "model_max_length": model_max_length}
+  else:
+    with open(os.path.join(out_dir, tokenizer_lib.SP_TOKENIZER_FILE), "wb") as f:
+      f.write(payload)
+    # transformers' LlamaTokenizer finds the special tokens by their piece
+    # strings (lmstack's: <pad>, <unk>, <s>, </s> at 0, 1, 2, 3); the
+    # prefix-space setting mirrors the model's add_dummy_prefix (lmstack's
+    # tokenizers have none), so HF encodes as SentencePiece does.
+    ids = tok.encode("a")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **special,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_prefix_space": bool(ids) and tok.id_to_piece(ids[0]).startswith("\u2581"),
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"),
+                {k: v for k, v in special.items() if k.endswith("_token") and v})
+  if tok.chat_template is not None:
+    config["chat_template"] = _hf_chat_template(tok.chat_template)
+  _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
 
 
 def save_hf(params, model_cfg, out_dir, tokenizer_path=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES,
@@ -575,8 +627,10 @@ def save_hf(params, model_cfg, out_dir, tokenizer_path=None, max_shard_bytes=DEF
     params: a pure dict (or nnx.State) of the model's parameters.
     model_cfg: their ModelConfig.
     out_dir: a new or empty directory.
-    tokenizer_path: a SentencePiece .model path (or its bytes) to include;
-      its special ids become config.json's bos/eos/pad ids.
+    tokenizer_path: the tokenizer to include: a SentencePiece .model, a
+      tokenizer.json or a Hugging Face directory (what `load_tokenizer`
+      reads), the bytes of `to_bytes()` (what checkpoints store), or a
+      tokenizer; its special ids become config.json's bos/eos/pad ids.
     max_shard_bytes: one model.safetensors up to this size, else shards
       model-0000i-of-0000n.safetensors and model.safetensors.index.json.
     dtype: "float32" or "bfloat16" tensors (and config.json torch_dtype).
@@ -596,14 +650,13 @@ def save_hf(params, model_cfg, out_dir, tokenizer_path=None, max_shard_bytes=DEF
   hf_config = model_config_to_hf(model_cfg, architecture)
   ids = {"bos_token_id": tokenizer_lib.BOS_ID, "eos_token_id": tokenizer_lib.EOS_ID,
          "pad_token_id": tokenizer_lib.PAD_ID, **(token_ids or {})}
-  sp = None
+  tok = None
   if tokenizer_path is not None:
-    sp, blob = _sentencepiece(tokenizer_path, tokenizer_name)
-    if sp.GetPieceSize() > model_cfg.vocab_size:
-      raise ConfigError(f"tokenizer has {sp.GetPieceSize()} pieces but the model's vocab_size is "
+    tok = _export_tokenizer(tokenizer_path, tokenizer_name)
+    if tok.vocab_size > model_cfg.vocab_size:
+      raise ConfigError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's vocab_size is "
                         f"{model_cfg.vocab_size}")
-    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
-    ids = {k: (v if v >= 0 else None) for k, v in ids.items()}
+    ids = _token_ids(tok)
   hf_config.update(ids, torch_dtype=dtype, dtype=dtype)  # transformers 4 reads torch_dtype, 5 dtype
 
   # Check every parameter before writing anything.
@@ -657,8 +710,8 @@ def save_hf(params, model_cfg, out_dir, tokenizer_path=None, max_shard_bytes=DEF
   _write_json(os.path.join(out_dir, "config.json"), hf_config)
   _write_json(os.path.join(out_dir, "generation_config.json"),
               {k: v for k, v in ids.items() if v is not None})
-  if sp is not None:
-    _write_tokenizer(sp, blob, out_dir, model_cfg.max_seq_len)
+  if tok is not None:
+    _write_tokenizer(tok, out_dir, model_cfg.max_seq_len)
   return hf_config
 
 
@@ -666,11 +719,38 @@ def save_hf(params, model_cfg, out_dir, tokenizer_path=None, max_shard_bytes=DEF
 # Whole conversions (what tools/convert_hf.py runs)
 
 
+def read_hf_tokenizer(hf_dir, vocab_size):
+  """The tokenizer of a Hugging Face model directory, None if it has none.
+
+  It is what `load_tokenizer(hf_dir)` reads (tokenizer.json, else
+  tokenizer.model, with tokenizer_config.json's special tokens and chat
+  template), so its `to_bytes()` equals those of a training run whose
+  `config.data.tokenizer` is `hf_dir`. A broken tokenizer file is an error,
+  not "no tokenizer". Refuses one with more tokens than the `vocab_size`
+  rows of the embedding table; warns about one with fewer.
+  """
+  names = (tokenizer_lib.HF_TOKENIZER_FILE, tokenizer_lib.SP_TOKENIZER_FILE)
+  if not any(os.path.isfile(os.path.join(hf_dir, name)) for name in names):
+    return None
+  tok = tokenizer_lib.load_tokenizer(hf_dir)
+  # HFTokenizer.vocab_size is the largest id + 1, added tokens included:
+  # every id it can produce must have a row.
+  if tok.vocab_size > vocab_size:
+    raise CheckpointError(f"{hf_dir}: the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size is "
+                          f"{vocab_size}; its ids would index past the embedding table")
+  if tok.vocab_size < vocab_size:
+    logging.warning("%s: the tokenizer has %d tokens, fewer than the %d rows of the embedding table (config.json's "
+                    "vocab_size); the other rows are padding no token id reaches", hf_dir, tok.vocab_size,
+                    vocab_size)
+  return tok
+
+
 def import_checkpoint(hf_dir, out, mesh=None, rules=None, **overrides):
   """HF directory -> lmstack params checkpoint at `out`; returns the ModelConfig.
 
   `overrides` set ModelConfig fields the checkpoint does not determine
-  (default dtype bfloat16, the trainer's matmul input type).
+  (default dtype bfloat16, the trainer's matmul input type). The directory's
+  tokenizer, if it has one (`read_hf_tokenizer`), is stored in the meta.
   """
   hf_dir = os.path.abspath(os.fspath(hf_dir))
   hf_config = read_hf_config(hf_dir)
@@ -678,8 +758,9 @@ def import_checkpoint(hf_dir, out, mesh=None, rules=None, **overrides):
   if os.path.isdir(out) and os.listdir(out):  # before the slow part
     raise CheckpointError(f"{out} already exists and is not empty; choose a new output directory")
   model_cfg = _hf_to_model_config(hf_config, os.path.join(hf_dir, "config.json"), overrides)
+  tokenizer = read_hf_tokenizer(hf_dir, model_cfg.vocab_size)
   params = load_hf_params(hf_dir, model_cfg, mesh, rules)
-  save_params_checkpoint(out, params, model_cfg, source=hf_dir, hf_config=hf_config)
+  save_params_checkpoint(out, params, model_cfg, source=hf_dir, hf_config=hf_config, tokenizer=tokenizer)
   return model_cfg
 
 
@@ -687,13 +768,17 @@ def export_checkpoint(ckpt, out_dir, tokenizer_path=None, dtype="float32", archi
                       max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, step=None):
   """lmstack checkpoint (params checkpoint or training workdir) -> HF directory.
 
-  Without `tokenizer_path`, a training checkpoint's own tokenizer (its meta)
-  is exported; a checkpoint imported from HF keeps that model's architecture
-  and bos/eos/pad ids unless told otherwise. Returns the config.json dict.
+  Without `tokenizer_path` (see `save_hf`), the checkpoint's own tokenizer
+  (its meta's, of either kind: a training run's, or the one an import kept)
+  is exported; a checkpoint imported from HF keeps that model's architecture,
+  and without a tokenizer its bos/eos/pad ids, unless told otherwise.
+  Returns the config.json dict.
   """
   out_dir = os.fspath(out_dir)
   if os.path.isdir(out_dir) and os.listdir(out_dir):  # before the slow part
     raise CheckpointError(f"{out_dir} already exists and is not empty; choose a new output directory")
+  if tokenizer_path is not None:
+    tokenizer_path = _export_tokenizer(tokenizer_path)  # a bad path fails before the slow part
   params, model_cfg, meta = load_params_checkpoint(ckpt, step=step)
   source = meta.get("hf_config") or {}
   if architecture == "auto" and source.get("architectures"):
@@ -706,6 +791,6 @@ def export_checkpoint(ckpt, out_dir, tokenizer_path=None, dtype="float32", archi
   tokenizer_name = None
   if tokenizer_path is None and meta.get("tokenizer_model"):
     tokenizer_path = base64.b64decode(meta["tokenizer_model"])
-    tokenizer_name = f"of checkpoint {os.fspath(ckpt)}"
+    tokenizer_name = f"{os.fspath(ckpt)} (its meta)"
   return save_hf(params, model_cfg, out_dir, tokenizer_path=tokenizer_path, max_shard_bytes=max_shard_bytes,
                  dtype=dtype, architecture=architecture, token_ids=token_ids, tokenizer_name=tokenizer_name)
