@@ -27,6 +27,62 @@ _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Matmul input dtype.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "decode"], "What to measure.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "decode: prompt length.")
+_COMPARE_HF = flags.DEFINE_multi_enum("compare_hf", [], ["f32", "bf16_compile"],
+                                      "Also train transformers' LlamaForCausalLM (torch AdamW) on the same shapes: "
+                                      "f32 eager, and/or bf16 autocast with torch.compile.")
+
+
+def bench_hf(name, batch_size, seq_len, steps, variant):
+  """The same shapes trained with transformers + torch (test extra), tokens/s."""
+  import statistics as stats
+
+  import torch
+  import transformers
+
+  from lmstack.model.transformer import PRESETS
+  cfg = PRESETS[name]
+  torch.manual_seed(0)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim, max_position_embeddings=max(seq_len, cfg.max_seq_len), rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings)
+  model = transformers.LlamaForCausalLM(hf_cfg)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
+  inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+  def loss_fn(x, y):
+    logits = model(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+  if variant == "bf16_compile":
+    compiled = torch.compile(loss_fn)
+
+    def step():
+      with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compiled(inputs, labels)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+  else:
+    def step():
+      loss = loss_fn(inputs, labels)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+
+  for _ in range(2):
+    step()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return batch_size * seq_len / stats.median(times), stats.median(times)
 
 
 def bench_decode(name, batch_size, prompt_len, new_tokens, dtype):
@@ -126,6 +182,10 @@ def main(argv):
     times = f"{r['step_median_s']:.3f}/{r['step_min_s']:.3f}/{r['step_max_s']:.3f}"
     print(f"{r['preset']:>8} {r['params']:>12,} {r['batch']:>5} {r['seq']:>5} {r['compile_s']:>9.1f} {times:>20} "
           f"{r['tokens_per_s']:>10,.0f} {r['flops_per_token'] / 1e9:>9.3f} {r['mfu']:>6.1%}", flush=True)
+    for variant in _COMPARE_HF.value:
+      hf_tps, hf_step = bench_hf(name, _BATCH.value, _SEQ.value, _STEPS.value, variant)
+      print(f"{'':>8} transformers+torch {variant}: step {hf_step:.3f} s, {hf_tps:,.0f} tokens/s; "
+            f"lmstack / torch = {r['tokens_per_s'] / hf_tps:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
