@@ -35,6 +35,7 @@ def get_config(arg=None):
   config.init_from = ""  # a checkpoint (workdir or step dir) to start from, fresh optimizer
 
   config.data = ml_collections.ConfigDict(dict(
+      kind="lm",  # lm | mixture | sft | preference (lmstack/data/datasets.py)
       format="text",  # text | jsonl | array_record | tfds
       train_files=os.path.join(ASSETS, "corpus", "train.txt"),  # comma-separated globs
       eval_files=os.path.join(ASSETS, "corpus", "valid.txt"),

@@ -23,7 +23,7 @@ from flax import nnx
 
 from lmstack import checkpoint as ckpt_lib
 from lmstack import sharding
-from lmstack.data import pipeline
+from lmstack.data import datasets, pipeline
 from lmstack.data.tokenizer import load_tokenizer
 from lmstack.errors import ConfigError, DataError
 from lmstack.metrics import MetricWriter, measure_peak_flops
@@ -150,7 +150,7 @@ def run(config, workdir):
   # ---- Data ----
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   local_batch = t.batch_size // jax.process_count()
-  train_ds = pipeline.make_lm_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+  train_ds = datasets.make_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
                                       seed=config.seed, split="train", **shard)
   train_iter = iter(train_ds)
   data_sh = sharding.batch_sharding(mesh, rules)
@@ -189,8 +189,8 @@ def run(config, workdir):
                       in_shardings=(param_sh, frozen_sh, data_sh), out_shardings=replicated)
 
   def eval_ds():
-    return pipeline.make_lm_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-                                    seed=config.seed, split="eval", **shard)
+    return datasets.make_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+                                 seed=config.seed, split="eval", **shard)
 
   peak = t.peak_flops if t.peak_flops >= 0 else measure_peak_flops()
   flops_per_step = model_cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
