@@ -32,6 +32,7 @@ def get_config(arg=None):
   config.model = common.model_section("tiny" if arg.runlocal else arg.size)
   config.loss = "next_token"
   config.trainable = ".*"  # regex over parameter paths; the rest is frozen
+  config.peft = common.peft_section()  # a parameter-efficient method (configs/sft.py)
   config.init_from = ""  # a checkpoint (workdir or step dir) to start from, fresh optimizer
 
   config.data = ml_collections.ConfigDict(dict(

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,6 +23,7 @@ from flax import nnx
 
 from lmstack import sharding
 from lmstack.errors import CheckpointError
+from lmstack.model import peft as peft_lib
 from lmstack.model.transformer import ModelConfig, Transformer
 
 
@@ -230,6 +232,18 @@ def restore_params(path, mesh=None, rules=None, step=None):
     targets = abstract_params(model_cfg, mesh, rules)
     flat_targets = flatten_tree(targets)
     missing = sorted("/".join(p) for p in flat_targets if p not in saved)
+    base_from = None
+    if missing and model_cfg.peft.method != "none":
+      # An adapter run saves only its adapters; the frozen base is the
+      # checkpoint it started from (its config's init_from).
+      adapter = re.compile(peft_lib.trainable_pattern(model_cfg.peft.method))
+      if not any(adapter.fullmatch(p) for p in missing):
+        base_from = meta.get("config", {}).get("init_from") or ""
+        if not base_from:
+          raise CheckpointError(f"checkpoint {where} holds only {model_cfg.peft.method} adapters and names no "
+                                "base checkpoint (config.init_from)")
+        flat_targets = {p: t for p, t in flat_targets.items() if adapter.fullmatch("/".join(p))}
+        missing = []
     if missing:
       raise CheckpointError(f"checkpoint {where} lacks {len(missing)} parameter(s), e.g. {missing[0]} (a run "
                             "that trained only some parameters saves only those)")
@@ -254,4 +268,31 @@ def restore_params(path, mesh=None, rules=None, step=None):
   params = {}
   for p in flat_targets:
     tree_set(params, p, tree_get(out, saved[p]))
+  if base_from is not None:
+    params, model_cfg = _with_base(params, model_cfg, base_from, where, mesh, rules)
   return params, model_cfg, meta
+
+
+def _with_base(adapters, model_cfg, base_from, where, mesh, rules):
+  """An adapter checkpoint's parameters completed by its base checkpoint's.
+
+  A LoRA or prompt-tuning base is itself resolved first (LoRA merged). Under
+  qlora the base is returned as the quantized-then-dequantized weights the
+  adapters were trained against, with the config's method set to lora.
+  """
+  if not os.path.isdir(base_from):
+    raise CheckpointError(f"checkpoint {where} holds only adapters; its base checkpoint {base_from} "
+                          "(config.init_from) is missing")
+  base, base_cfg, _ = restore_params(base_from, mesh, rules)
+  if base_cfg.peft.lora:
+    base, base_cfg = peft_lib.merge_lora(base, base_cfg)
+  if base_cfg.peft.method != "none":
+    raise CheckpointError(f"checkpoint {where}: its base {base_from} is a {base_cfg.peft.method} model; "
+                          "only plain or LoRA bases can carry adapters")
+  if model_cfg.peft.method == "qlora":
+    base = peft_lib.dequantized_base(base, model_cfg)
+    model_cfg = dataclasses.replace(model_cfg, peft=dataclasses.replace(model_cfg.peft, method="lora"))
+  params = base
+  for p, value in flatten_tree(adapters).items():
+    tree_set(params, p, value)
+  return params, model_cfg

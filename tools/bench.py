@@ -3,16 +3,28 @@
   python tools/bench.py                       # default and 100m presets
   python tools/bench.py --presets=default --batch_size=8 --seq_len=512 --steps=10
   python tools/bench.py --mode=decode         # KV-cache decoding vs recomputing the prefix
+  python tools/bench.py --presets=100m --peft=none,lora,qlora   # full fine-tuning vs LoRA vs QLoRA
 
 The MFU denominator is this machine's matmul peak measured in the same run
 (bf16 inputs, float32 accumulation, a 2048^3 matmul per device), so ratios are
 comparable across machines. Model FLOPs per token follow
 `ModelConfig.flops_per_token`: 6 x matmul weights + 12 x L x T x N x H for
-attention (forward + backward, no causal halving).
+attention (forward + backward, no causal halving). With a frozen base
+(`--peft`), its weights get no gradient: 4 x base matmul weights + 6 x
+trainable parameters + attention.
+
+With several `--peft` methods each is measured in its own process, so that
+the peak host memory (ru_maxrss) belongs to that method alone; the optimizer
+state is the bytes of the Adam moments, the frozen state the bytes of the
+parameters that do not train (quantized under qlora).
 """
 
 import dataclasses
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app, flags
@@ -27,6 +39,9 @@ _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Matmul input dtype.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "decode"], "What to measure.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "decode: prompt length.")
+_PEFT = flags.DEFINE_list("peft", ["none"], "Methods to train: none (all parameters), lora, qlora, ...")
+_RANK = flags.DEFINE_integer("lora_rank", 16, "LoRA rank for --peft=lora/qlora (all linear layers).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON line per result (used for the per-method processes).")
 _COMPARE_HF = flags.DEFINE_multi_enum("compare_hf", [], ["f32", "bf16_compile"],
                                       "Also train transformers' LlamaForCausalLM (torch AdamW) on the same shapes: "
                                       "f32 eager, and/or bf16 autocast with torch.compile.")
@@ -108,12 +123,13 @@ def bench_decode(name, batch_size, prompt_len, new_tokens, dtype):
   return out
 
 
-def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak, scan="preset"):
+def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak, scan="preset", method="none", rank=16):
   import jax
   import ml_collections
   import numpy as np
 
   from lmstack import sharding
+  from lmstack.model import peft
   from lmstack.model.transformer import PRESETS
   from lmstack.train import losses, optim
   from lmstack.train.state import init_sharded, jit_train_step
@@ -121,13 +137,14 @@ def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak, scan="pre
   cfg = dataclasses.replace(PRESETS[name], remat=remat, dtype=dtype, max_seq_len=max(seq_len, PRESETS[name].max_seq_len))
   if scan != "preset":
     cfg = dataclasses.replace(cfg, scan_layers=scan == "true")
+  cfg = dataclasses.replace(cfg, peft=peft.PeftConfig(method=method, rank=rank))
   mesh = sharding.make_mesh((1, -1, 1))
   rules = sharding.resolve_rules("fsdp")
   ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
                                         decay_fraction=0.2, decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8,
                                         weight_decay=0.1, grad_clip=1.0))
   tx, schedule = optim.make_optimizer(ocfg, 1000)
-  m = init_sharded(cfg, ".*", tx, mesh, rules, seed=0)
+  m = init_sharded(cfg, peft.trainable_pattern(method), tx, mesh, rules, seed=0)
   data_sh = sharding.batch_sharding(mesh, rules)
   step = jit_train_step(m, losses.next_token_loss, tx, schedule, 1, data_sh)
   state, frozen = m.init()
@@ -152,9 +169,27 @@ def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak, scan="pre
   med = statistics.median(times)
   tokens = batch_size * seq_len
   fpt = cfg.flops_per_token(seq_len)
-  return dict(preset=name, params=cfg.num_params(), batch=batch_size, seq=seq_len, compile_s=compile_s,
-              step_median_s=med, step_min_s=min(times), step_max_s=max(times), tokens_per_s=tokens / med,
-              flops_per_token=fpt, mfu=tokens / med * fpt / peak, loss=float(metrics["loss"]))
+  trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
+  if method != "none":  # frozen base weights: forward and input gradients only
+    fpt += -2 * (cfg.num_params(embeddings=False) + cfg.vocab_size * cfg.d_model) + 6 * trainable
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  return dict(preset=name, method=method, params=cfg.num_params(), trainable=trainable, batch=batch_size,
+              seq=seq_len, compile_s=compile_s, step_median_s=med, step_min_s=min(times), step_max_s=max(times),
+              tokens_per_s=tokens / med, flops_per_token=fpt, mfu=tokens / med * fpt / peak,
+              loss=float(metrics["loss"]), opt_state_bytes=nbytes(state["opt_state"]),
+              frozen_bytes=nbytes(frozen), param_bytes=nbytes(state["params"]),
+              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _in_subprocess(name, method):
+  """bench_preset in a fresh process (its own peak memory); the result dict."""
+  args = [a for a in sys.argv[1:] if not a.startswith(("--peft", "--presets", "--json", "--compare_hf"))]
+  cmd = [sys.executable, __file__, *args, f"--presets={name}", f"--peft={method}", "--json"]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  rows = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+  if out.returncode or not rows:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+  return rows[0]
 
 
 def main(argv):
@@ -175,13 +210,31 @@ def main(argv):
   peak32 = measure_peak_flops(dtype=jnp.float32)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
   print(f"matmul peak: {peak / 1e9:,.1f} GFLOP/s bf16-in/f32-acc, {peak32 / 1e9:,.1f} GFLOP/s f32")
-  header = f"{'preset':>8} {'params':>12} {'batch':>5} {'seq':>5} {'compile_s':>9} {'step_s med/min/max':>20} {'tokens/s':>10} {'GFLOP/tok':>9} {'MFU':>6}"
-  print(header)
+  header = (f"{'preset':>8} {'method':>6} {'params':>12} {'trainable':>11} {'batch':>5} {'seq':>5} {'compile_s':>9} "
+            f"{'step_s med/min/max':>20} {'tokens/s':>10} {'GFLOP/tok':>9} {'MFU':>6} {'opt MB':>8} {'frozen MB':>9} "
+            f"{'peak RSS MB':>11}")
+  if not _JSON.value:
+    print(header)
   for name in _PRESETS.value:
-    r = bench_preset(name, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value, _DTYPE.value, peak, _SCAN.value)
-    times = f"{r['step_median_s']:.3f}/{r['step_min_s']:.3f}/{r['step_max_s']:.3f}"
-    print(f"{r['preset']:>8} {r['params']:>12,} {r['batch']:>5} {r['seq']:>5} {r['compile_s']:>9.1f} {times:>20} "
-          f"{r['tokens_per_s']:>10,.0f} {r['flops_per_token'] / 1e9:>9.3f} {r['mfu']:>6.1%}", flush=True)
+    full_opt = None
+    for method in _PEFT.value:
+      if len(_PEFT.value) > 1:
+        r = _in_subprocess(name, method)
+      else:
+        r = bench_preset(name, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value, _DTYPE.value, peak,
+                         _SCAN.value, method, _RANK.value)
+      if _JSON.value:
+        print("RESULT " + json.dumps(r), flush=True)
+        continue
+      times = f"{r['step_median_s']:.3f}/{r['step_min_s']:.3f}/{r['step_max_s']:.3f}"
+      print(f"{r['preset']:>8} {r['method']:>6} {r['params']:>12,} {r['trainable']:>11,} {r['batch']:>5} {r['seq']:>5} "
+            f"{r['compile_s']:>9.1f} {times:>20} {r['tokens_per_s']:>10,.0f} {r['flops_per_token'] / 1e9:>9.3f} "
+            f"{r['mfu']:>6.1%} {r['opt_state_bytes'] / 2**20:>8.1f} {r['frozen_bytes'] / 2**20:>9.1f} "
+            f"{r['peak_rss_bytes'] / 2**20:>11.0f}", flush=True)
+      if method == "none":
+        full_opt = r["opt_state_bytes"]
+      elif full_opt:
+        print(f"{'':>8} {method} optimizer state = {r['opt_state_bytes'] / full_opt:.2%} of full fine-tuning's")
     for variant in _COMPARE_HF.value:
       hf_tps, hf_step = bench_hf(name, _BATCH.value, _SEQ.value, _STEPS.value, variant)
       print(f"{'':>8} transformers+torch {variant}: step {hf_step:.3f} s, {hf_tps:,.0f} tokens/s; "

@@ -86,6 +86,7 @@ from lmstack.checkpoint import (abstract_params, first_line, flatten_tree, model
                                 restore_params as load_params_checkpoint, tree_get, tree_set)
 from lmstack.data import tokenizer as tokenizer_lib
 from lmstack.errors import CheckpointError, ConfigError
+from lmstack.model import peft
 from lmstack.model.transformer import ModelConfig
 
 LLAMA, MISTRAL, QWEN2 = "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"
@@ -780,6 +781,11 @@ def export_checkpoint(ckpt, out_dir, tokenizer_path=None, dtype="float32", archi
   if tokenizer_path is not None:
     tokenizer_path = _export_tokenizer(tokenizer_path)  # a bad path fails before the slow part
   params, model_cfg, meta = load_params_checkpoint(ckpt, step=step)
+  if model_cfg.peft.lora:  # a LoRA fine-tune exports as its merged model
+    params, model_cfg = peft.merge_lora(params, model_cfg)
+  elif model_cfg.peft.method != "none":
+    raise CheckpointError(f"{ckpt} is a {model_cfg.peft.method} model; Hugging Face's Llama has no place for "
+                          "its parameters (only LoRA merges into the weights)")
   source = meta.get("hf_config") or {}
   if architecture == "auto" and source.get("architectures"):
     try:  # the source architecture, when it still computes what the params do

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmstack import sharding
+from lmstack.model import peft as peft_lib
+from lmstack.model.peft import PeftConfig
 
 
 REMAT_POLICIES = {
@@ -63,8 +65,13 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots | dots_no_batch
   scan_layers: bool = True
   init_std: float = 0.02
+  # A parameter-efficient fine-tuning method and its parameters
+  # (lmstack/model/peft.py); "none" is the plain model.
+  peft: PeftConfig = PeftConfig()
 
   def __post_init__(self):
+    if not isinstance(self.peft, PeftConfig):  # a dict from JSON or a config section
+      object.__setattr__(self, "peft", PeftConfig(**dict(self.peft)))
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
     if self.n_heads % self.n_kv_heads:
@@ -226,8 +233,24 @@ def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt=None, k_seg_bs=None, window=0):
   return mask[:, None, None, :, :]
 
 
-def _attend(q_btkgh, k_bskh, v_bskh, mask, dt):
-  """Softmax attention of scaled queries over keys, float32 scores."""
+def _linear(module, cfg, eq, x, name, rng):
+  """A linear layer: the base weight (dequantized under qlora) plus LoRA."""
+  dt = cfg.compute_dtype
+  y = _matmul(eq, x, peft_lib.base_weight(module, cfg, name, dt), dt)
+  delta = peft_lib.lora_delta(module, cfg, name, x, rng, lambda e, a, w: _matmul(e, a, w, dt))
+  return y if delta is None else y + delta
+
+
+def _attend(q_btkgh, k_bskh, v_bskh, mask, dt, prefix=None):
+  """Softmax attention of scaled queries over keys, float32 scores.
+
+  `prefix` (k, v), each [P, K, H]: keys every query sees, before the others.
+  """
+  if prefix is not None:
+    b, p = q_btkgh.shape[0], prefix[0].shape[0]
+    k_bskh = jnp.concatenate([jnp.broadcast_to(prefix[0], (b,) + prefix[0].shape).astype(k_bskh.dtype), k_bskh], 1)
+    v_bskh = jnp.concatenate([jnp.broadcast_to(prefix[1], (b,) + prefix[1].shape).astype(v_bskh.dtype), v_bskh], 1)
+    mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (p,), bool), jnp.broadcast_to(mask, mask.shape)], -1)
   logits_bkgts = _matmul("btkgh,bskh->bkgts", q_btkgh, k_bskh, dt)
   logits_bkgts = jnp.where(mask, logits_bkgts, jnp.finfo(jnp.float32).min)
   probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
@@ -239,69 +262,93 @@ class Attention(nnx.Module):
   def __init__(self, cfg, rngs):
     d, n, k, h, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.init_std
     self.cfg = cfg
-    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std)
-    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
-    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
+    for name in ("q", "k", "v"):
+      peft_lib.make_linear(self, cfg, "attn/" + name, std, rngs)
     if cfg.qkv_bias:
       self.q_bias = nnx.Param(jnp.zeros((n, h)), out_sharding=("heads", "head_dim"), eager_sharding=False)
       self.k_bias = nnx.Param(jnp.zeros((k, h)), out_sharding=("kv_heads", "head_dim"), eager_sharding=False)
       self.v_bias = nnx.Param(jnp.zeros((k, h)), out_sharding=("kv_heads", "head_dim"), eager_sharding=False)
     # Scaled down with depth as in GPT-2, so the residual stream stays O(1).
-    out_std = std / math.sqrt(2 * cfg.n_layers)
-    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
+    peft_lib.make_linear(self, cfg, "attn/o", std / math.sqrt(2 * cfg.n_layers), rngs)
+    del d, n, k, h
 
-  def _project(self, x_btd, name):
-    y = _matmul("btd,dnh->btnh", x_btd, getattr(self, name)[...], self.cfg.compute_dtype)
+  def _linear(self, eq, x, name, rng):
+    return _linear(self, self.cfg, eq, x, "attn/" + name, rng)
+
+  def _project(self, x_btd, name, rng=None):
+    y = self._linear("btd,dnh->btnh", x_btd, name, rng)
     if self.cfg.qkv_bias:
       y = y + getattr(self, name + "_bias")[...]
     return y
 
-  def __call__(self, x_btd, positions_bt, mask, kv_cache=None, cache_index=None):
+  def __call__(self, x_btd, positions_bt, mask, kv_cache=None, cache_index=None, extra=None, rng=None):
     """Self-attention; with `kv_cache` ((k, v), each B S K H), the new keys and
     values are written at slot `cache_index` and the queries attend over the
-    whole cache. Returns the output, and the updated cache when given one."""
+    whole cache. Returns the output, and the updated cache when given one.
+
+    `extra` (adapters, see lmstack/model/peft.py): "k", "v" [P, K, H] are
+    keys and values every query sees (prefix and prompt tuning); "adaption"
+    (prompt [P, D], gate [N]) adds LLaMA-Adapter's gated attention.
+    `rng` drives LoRA dropout (training only).
+    """
     cfg, dt = self.cfg, self.cfg.compute_dtype
+    extra = extra or {}
     b, t, _ = x_btd.shape
     g = cfg.n_heads // cfg.n_kv_heads
     inv_freq = rope_frequencies(cfg)
-    q_btnh = rope(self._project(x_btd, "q"), positions_bt, inv_freq)
-    k_bskh = rope(self._project(x_btd, "k"), positions_bt, inv_freq)
-    v_bskh = self._project(x_btd, "v")
+    rngs = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
+    q_btnh = rope(self._project(x_btd, "q", rngs[0]), positions_bt, inv_freq)
+    k_bskh = rope(self._project(x_btd, "k", rngs[1]), positions_bt, inv_freq)
+    v_bskh = self._project(x_btd, "v", rngs[2])
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
       k_bskh = jax.lax.dynamic_update_slice(k_cache, k_bskh.astype(k_cache.dtype), (0, cache_index, 0, 0))
       v_bskh = jax.lax.dynamic_update_slice(v_cache, v_bskh.astype(v_cache.dtype), (0, cache_index, 0, 0))
       kv_cache = (k_bskh, v_bskh)
     q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim) / math.sqrt(cfg.head_dim)
+    prefix = (extra["k"], extra["v"]) if "k" in extra else None
     blk = cfg.attention_block
     if kv_cache is not None or not blk or t <= blk or t % blk:
-      out_btkgh = _attend(q_btkgh, k_bskh, v_bskh, mask, dt)
+      out_btkgh = _attend(q_btkgh, k_bskh, v_bskh, mask, dt, prefix)
     else:
       # Without a cache, query i never sees a key after i (causal within a
       # segment, and segments are contiguous), so block j needs keys [0, end).
       out_btkgh = jnp.concatenate([
           _attend(q_btkgh[:, i:i + blk], k_bskh[:, :i + blk], v_bskh[:, :i + blk],
-                  mask[..., i:i + blk, :i + blk], dt) for i in range(0, t, blk)], axis=1)
+                  mask[..., i:i + blk, :i + blk], dt, prefix) for i in range(0, t, blk)], axis=1)
+    if "adaption" in extra:
+      out_btkgh = out_btkgh + self._adaption(q_btkgh, *extra["adaption"])
     out_btnh = out_btkgh.reshape(b, t, cfg.n_heads, cfg.head_dim)
-    out_btd = _matmul("btnh,nhd->btd", out_btnh, self.o[...], dt)
+    out_btd = self._linear("btnh,nhd->btd", out_btnh, "o", rngs[3])
     return out_btd if kv_cache is None else (out_btd, kv_cache)
+
+  def _adaption(self, q_btkgh, prompt_pd, gate_n):
+    """LLaMA-Adapter: gate * softmax(q . k_p) v_p over the layer's prompt,
+    whose keys and values come from the frozen projections (no rotation)."""
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    k_1pkh = self._project(prompt_pd[None], "k")
+    v_1pkh = self._project(prompt_pd[None], "v")
+    logits_bkgtp = _matmul("btkgh,bpkh->bkgtp", q_btkgh, jnp.broadcast_to(k_1pkh, (q_btkgh.shape[0],) + k_1pkh.shape[1:]), dt)
+    probs_bkgtp = jax.nn.softmax(logits_bkgtp, axis=-1)
+    out_btkgh = _matmul("bkgtp,bpkh->btkgh", probs_bkgtp, jnp.broadcast_to(v_1pkh, (q_btkgh.shape[0],) + v_1pkh.shape[1:]), dt)
+    return out_btkgh * gate_n.reshape(cfg.n_kv_heads, -1)[:, :, None]
 
 
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, cfg, rngs):
-    d, f, std = cfg.d_model, cfg.mlp_dim, cfg.init_std
-    self.dtype = cfg.compute_dtype
-    self.gate = _param(rngs, (d, f), ("embed", "mlp"), std)
-    self.up = _param(rngs, (d, f), ("embed", "mlp"), std)
-    self.down = _param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))
+    self.cfg = cfg
+    peft_lib.make_linear(self, cfg, "mlp/gate", cfg.init_std, rngs)
+    peft_lib.make_linear(self, cfg, "mlp/up", cfg.init_std, rngs)
+    peft_lib.make_linear(self, cfg, "mlp/down", cfg.init_std / math.sqrt(2 * cfg.n_layers), rngs)
 
-  def __call__(self, x_btd):
-    dt = self.dtype
-    h_btf = jax.nn.silu(_matmul("btd,df->btf", x_btd, self.gate[...], dt))
-    h_btf = h_btf * _matmul("btd,df->btf", x_btd, self.up[...], dt)
-    return _matmul("btf,fd->btd", h_btf, self.down[...], dt)
+  def __call__(self, x_btd, rng=None):
+    cfg = self.cfg
+    rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+    h_btf = jax.nn.silu(_linear(self, cfg, "btd,df->btf", x_btd, "mlp/gate", rngs[0]))
+    h_btf = h_btf * _linear(self, cfg, "btd,df->btf", x_btd, "mlp/up", rngs[1])
+    return _linear(self, cfg, "btf,fd->btd", h_btf, "mlp/down", rngs[2])
 
 
 class Block(nnx.Module):
@@ -311,13 +358,23 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
+    if cfg.peft.method == "adapter":
+      self.attn_adapter = peft_lib.Bottleneck(cfg, rngs)
+      self.mlp_adapter = peft_lib.Bottleneck(cfg, rngs)
 
-  def __call__(self, x_btd, positions_bt, mask, kv_cache=None, cache_index=None):
-    attn = self.attn(self.attn_norm(x_btd), positions_bt, mask, kv_cache, cache_index)
+  def __call__(self, x_btd, positions_bt, mask, kv_cache=None, cache_index=None, extra=None, rng=None):
+    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+    attn = self.attn(self.attn_norm(x_btd), positions_bt, mask, kv_cache, cache_index, extra, rngs[0])
     if kv_cache is not None:
       attn, kv_cache = attn
+    mm = lambda eq, a, w: _matmul(eq, a, w, self.attn.cfg.compute_dtype)
+    if hasattr(self, "attn_adapter"):
+      attn = self.attn_adapter(attn, mm)
     x_btd = x_btd + attn
-    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    mlp = self.mlp(self.mlp_norm(x_btd), rngs[1])
+    if hasattr(self, "mlp_adapter"):
+      mlp = self.mlp_adapter(mlp, mm)
+    x_btd = x_btd + mlp
     x_btd = sharding.constrain(x_btd, ("batch", "seq", "embed"))
     return x_btd if kv_cache is None else (x_btd, kv_cache)
 
@@ -339,6 +396,7 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+    peft_lib.make_model_params(self, cfg, rngs)
 
   def init_cache(self, batch_size, max_len, dtype=None):
     """An empty KV cache for `max_len` slots.
@@ -353,59 +411,93 @@ class Transformer(nnx.Module):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "pos": jnp.full((batch_size, max_len), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
-  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None):
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, rng=None):
     """Final-norm hidden states B T D (float32), and the updated cache if given.
 
     With a cache, tokens whose segment id is 0 (padding of shorter prompts)
-    are stored as empty slots, so no later token attends to them.
+    are stored as empty slots, so no later token attends to them. `rng`
+    (training only) drives LoRA dropout.
     """
     cfg = self.cfg
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones_like(tokens_bt)
+    extras = self._adapter_extras()
+    if cfg.peft.method == "prompt":  # the virtual tokens hold positions 0 .. P-1
+      positions_bt = positions_bt + cfg.peft.num_virtual_tokens
     if cache is None:
       mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt, cfg.sliding_window)
+      kv = index = None
     else:
       index = cache["index"]
       new_pos = jnp.where(segment_ids_bt > 0, positions_bt, -1).astype(jnp.int32)
       cache_pos = jax.lax.dynamic_update_slice(cache["pos"], new_pos, (0, index))
       mask = attention_mask(positions_bt, cache_pos, window=cfg.sliding_window)
+      kv = (cache["k"], cache["v"])
     x_btd = jnp.take(self.embed[...], tokens_bt, axis=0)
     x_btd = sharding.constrain(x_btd, ("batch", "seq", "embed"))
-
-    graphdef, state = nnx.split(self.blocks)
-
-    def layer(x_btd, xs):
-      block = nnx.merge(graphdef, xs[0])
-      if cache is None:
-        return block(x_btd, positions_bt, mask), None
-      return block(x_btd, positions_bt, mask, xs[1], index)
-
-    if cfg.remat != "none":
-      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    xs = (state,) if cache is None else (state, (cache["k"], cache["v"]))
-    if cfg.scan_layers:
-      x_btd, kv = jax.lax.scan(layer, x_btd, xs)
-    else:
-      outs = []
-      for i in range(cfg.n_layers):
-        x_btd, out = layer(x_btd, jax.tree.map(lambda a: a[i], xs))
-        outs.append(out)
-      kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    x_btd, kv = self._run_blocks(x_btd, positions_bt, mask, kv, index, extras, rng)
     h_btd = self.final_norm(x_btd)
     if cache is None:
       return h_btd
     return h_btd, {"k": kv[0], "v": kv[1], "pos": cache_pos, "index": index + tokens_bt.shape[1]}
+
+  def _run_blocks(self, x_btd, positions_bt, mask, kv=None, index=None, extras=None, rng=None):
+    """The decoder blocks, scanned or unrolled; returns (x, stacked (k, v) or None)."""
+    cfg = self.cfg
+    graphdef, state = nnx.split(self.blocks)
+
+    def layer(x_btd, xs):
+      block = nnx.merge(graphdef, xs["block"])
+      layer_rng = None if rng is None else jax.random.fold_in(rng, xs["index"])
+      out = block(x_btd, positions_bt, mask, xs.get("kv"), index, xs.get("extra"), layer_rng)
+      return out if kv is not None else (out, None)
+
+    if cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    xs = {"block": state, "index": jnp.arange(cfg.n_layers)}
+    if kv is not None:
+      xs["kv"] = kv
+    if extras:
+      xs["extra"] = extras
+    if cfg.scan_layers:
+      return jax.lax.scan(layer, x_btd, xs)
+    outs = []
+    for i in range(cfg.n_layers):
+      x_btd, out = layer(x_btd, jax.tree.map(lambda a: a[i], xs))
+      outs.append(out)
+    return x_btd, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+  def _adapter_extras(self):
+    """Per-layer inputs of the prefix-style adapters, each with a leading L axis."""
+    cfg = self.cfg
+    method = cfg.peft.method
+    mm = lambda eq, a, w: _matmul(eq, a, w, cfg.compute_dtype)
+    if method == "prefix":
+      kv_l2pkh = peft_lib.prefix_kv(self, cfg, mm)
+      return {"k": kv_l2pkh[:, 0], "v": kv_l2pkh[:, 1]}
+    if method == "prompt":
+      # Being first, the virtual tokens see only each other: their keys and
+      # values at every layer are the frozen model's on them alone.
+      p = cfg.peft.num_virtual_tokens
+      pos_1p = jnp.arange(p)[None]
+      zeros = jnp.zeros((cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+      _, (k_l1pkh, v_l1pkh) = self._run_blocks(self.prompt[...][None], pos_1p, attention_mask(pos_1p, pos_1p),
+                                               (zeros, zeros), 0)
+      return {"k": k_l1pkh[:, 0], "v": v_l1pkh[:, 0]}
+    if method == "llama_adapter":
+      return {"adaption": peft_lib.adaption_per_layer(self, cfg)}
+    return None
 
   def logits(self, h_btd):
     if self.cfg.tie_embeddings:
       return _matmul("btd,vd->btv", h_btd, self.embed[...], self.cfg.compute_dtype)
     return _matmul("btd,dv->btv", h_btd, self.unembed[...], self.cfg.compute_dtype)
 
-  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None):
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, rng=None):
     """Logits B T V (float32); with a cache, (logits, updated cache)."""
     if cache is None:
-      return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
+      return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt, rng=rng))
     h_btd, cache = self.hidden(tokens_bt, positions_bt, segment_ids_bt, cache)
     return self.logits(h_btd), cache

@@ -67,9 +67,9 @@ def init_sharded(model_cfg, trainable, tx, mesh, rules, seed):
                       jax.jit(init, out_shardings=(state_sh, frozen_sh)), trainable)
 
 
-def jit_train_step(m, loss_fn, tx, schedule, accum_steps, data_sh):
+def jit_train_step(m, loss_fn, tx, schedule, accum_steps, data_sh, seed=0):
   """The train step compiled with explicit shardings and the state donated."""
-  return jax.jit(step_lib.make_train_step(m.graphdef, loss_fn, tx, schedule, accum_steps),
+  return jax.jit(step_lib.make_train_step(m.graphdef, loss_fn, tx, schedule, accum_steps, seed),
                  in_shardings=(m.state_sh, m.frozen_sh, data_sh), out_shardings=(m.state_sh, m.replicated),
                  donate_argnums=0)
 

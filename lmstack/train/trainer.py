@@ -25,10 +25,12 @@ from lmstack import checkpoint as ckpt_lib
 from lmstack import sharding
 from lmstack.data import datasets, pipeline
 from lmstack.data.tokenizer import load_tokenizer
-from lmstack.errors import ConfigError, DataError
+from lmstack.errors import CheckpointError, ConfigError, DataError
 from lmstack.metrics import MetricWriter, measure_peak_flops
+from lmstack.model import peft as peft_lib
+from lmstack.model.peft import PeftConfig
 from lmstack.model.transformer import ModelConfig, Transformer
-from lmstack.train import losses, optim
+from lmstack.train import losses, optim, reference
 from lmstack.train.state import init_sharded, jit_train_step, trainable_filter, with_shardings
 from lmstack.train import step as step_lib
 
@@ -40,9 +42,15 @@ def model_config(cfg) -> ModelConfig:
   unknown = sorted(set(values) - fields)
   if unknown:
     raise ConfigError(f"config.model has unknown fields {unknown}; expected some of {sorted(fields)}")
+  if "peft" in cfg:
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    unknown = sorted(set(cfg.peft) - peft_fields)
+    if unknown:
+      raise ConfigError(f"config.peft has unknown fields {unknown}; expected some of {sorted(peft_fields)}")
+    values["peft"] = dict(cfg.peft)
   try:
     return ModelConfig(**values)
-  except ValueError as e:
+  except (TypeError, ValueError) as e:
     raise ConfigError(str(e)) from e
 
 
@@ -58,6 +66,9 @@ def validate(config, model_cfg, n_devices):
                       f"config.train.grad_accum_steps={t.grad_accum_steps}")
   if config.loss not in losses.LOSSES:
     raise ConfigError(f"config.loss={config.loss!r}; expected one of {sorted(losses.LOSSES)}")
+  if losses.is_preference(config.loss):
+    losses.make_loss(config)  # checks config.dpo
+    reference.validate(config, model_cfg)
   try:
     re.compile(config.trainable)
   except re.error as e:
@@ -92,29 +103,68 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _load_init_from(path, model_cfg, tokenizer, m, mesh, rules):
-  """(trainable, frozen) parameters from a checkpoint, sharded like this run's."""
+def _load_init_from(path, model_cfg, tokenizer, m, state, frozen, fresh, mesh, rules, seed):
+  """Puts a checkpoint's parameters into this run's (state, frozen), sharded.
+
+  Base weights go into `frozen` (and into the trainable params when they
+  train); a LoRA checkpoint is merged first, and a qlora run quantizes them.
+  This run's adapters keep their fresh initialisation unless the checkpoint
+  has the same (non-mergeable) method's parameters. Frozen parameters are not
+  in this run's checkpoints, so this runs on every start; the trainable ones
+  only on a fresh start (`fresh`), as a resume restores them.
+  """
   directory, step = ckpt_lib.resolve_step_dir(path)
   where = os.path.join(directory, str(step))
   ckpt_lib.check_compatible(ckpt_lib.Checkpointer(directory).read_meta(step), dataclasses.asdict(model_cfg),
                             tokenizer.to_bytes(), where)
-  params, _, _ = ckpt_lib.restore_params(where, mesh, rules)
-  state = nnx.state(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))), nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.split_state(state, trainable_filter(m.trainable), ...)
+  params, ckpt_cfg, _ = ckpt_lib.restore_params(where, mesh, rules)
+  if ckpt_cfg.peft.lora:
+    params, ckpt_cfg = peft_lib.merge_lora(params, ckpt_cfg)
+  method = model_cfg.peft.method
+  if ckpt_cfg.peft.method not in ("none", method):
+    raise CheckpointError(f"init_from={path} is a {ckpt_cfg.peft.method} model; a {method} run can start only "
+                          "from a plain, LoRA or same-method checkpoint")
+  if method == "qlora":
+    params = peft_lib.quantize_base(params, model_cfg)
+  loaded = ckpt_lib.flatten_tree(params)
+
+  def overwrite(tree, shardings):
+    pure, sh = nnx.to_pure_dict(tree), ckpt_lib.flatten_tree(nnx.to_pure_dict(shardings))
+    for p in ckpt_lib.flatten_tree(pure):
+      if p in loaded:
+        ckpt_lib.tree_set(pure, p, jax.device_put(loaded[p], sh[p]))
+    nnx.replace_by_pure_dict(tree, pure)
+
+  overwrite(frozen, m.frozen_sh)
+  if fresh:
+    overwrite(state["params"], m.state_sh["params"])
+  adapter = re.compile(peft_lib.trainable_pattern(method)) if method != "none" else None
+  model_paths = ckpt_lib.flatten_tree(nnx.to_pure_dict(frozen)) | ckpt_lib.flatten_tree(
+      nnx.to_pure_dict(state["params"]))
+  lacking = [p for p in model_paths if p not in loaded and not (adapter and adapter.fullmatch("/".join(p)))]
+  if lacking:
+    raise CheckpointError(f"init_from={where} lacks {'/'.join(lacking[0])} (and {len(lacking) - 1} more)")
+  if fresh and method == "prompt" and model_cfg.peft.prompt_init != "random" and ("prompt",) not in loaded:
+    embed = jax.device_get(loaded[("embed",)])
+    prompt = peft_lib.initial_prompt(embed, model_cfg, tokenizer, seed)
+    sh = ckpt_lib.flatten_tree(nnx.to_pure_dict(m.state_sh["params"]))[("prompt",)]
+    state["params"]["prompt"].value = jax.device_put(prompt, sh)
+  return state, frozen
 
 
 def evaluate(eval_step, params, frozen, eval_ds, put, max_batches):
-  """Mean held-out loss over up to `max_batches` batches (0: the whole split)."""
-  loss_sum, weight = 0.0, 0.0
+  """(mean held-out loss, {metric: mean}) over up to `max_batches` batches (0: the whole split)."""
+  loss_sum, weight, sums = 0.0, 0.0, {}
   for i, batch in enumerate(eval_ds):
     if max_batches and i >= max_batches:
       break
-    ls, w = eval_step(params, frozen, put(batch))
+    ls, w, metrics = jax.device_get(eval_step(params, frozen, put(batch)))
     loss_sum, weight = loss_sum + float(ls), weight + float(w)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
   if weight == 0:
     raise DataError("the held-out split (config.data.eval_files) produced no tokens")
-  return loss_sum / weight
+  return loss_sum / weight, {k: v / weight for k, v in sums.items()}
 
 
 def run(config, workdir):
@@ -138,7 +188,10 @@ def run(config, workdir):
 
   # ---- Model: born sharded from an abstract shape ----
   tx, schedule = optim.make_optimizer(config.optim, t.steps)
-  m = init_sharded(model_cfg, config.trainable, tx, mesh, rules, config.seed)
+  trainable = config.trainable
+  if model_cfg.peft.method != "none" and trainable == ".*":  # an adapter method trains its adapters
+    trainable = peft_lib.trainable_pattern(model_cfg.peft.method)
+  m = init_sharded(model_cfg, trainable, tx, mesh, rules, config.seed)
   graphdef, state_sh, frozen_sh, replicated = m.graphdef, m.state_sh, m.frozen_sh, m.replicated
   abs_params, abs_frozen = m.abstract_state["params"], m.abstract_frozen
   param_sh = state_sh["params"]
@@ -169,10 +222,10 @@ def run(config, workdir):
     # (Adam's initial moments do not depend on the parameters). Frozen
     # parameters are not in this run's checkpoints, so they are loaded from
     # `init_from` on every start, resumes included.
-    trainable, frozen = _load_init_from(config.init_from, model_cfg, tokenizer, m, mesh, rules)
-    if latest is None:
-      state["params"] = trainable
-    del trainable
+    state, frozen = _load_init_from(config.init_from, model_cfg, tokenizer, m, state, frozen, latest is None,
+                                    mesh, rules, config.seed)
+  elif model_cfg.peft.method != "none":
+    writer.info(f"warning: a {model_cfg.peft.method} run without init_from trains adapters on a random base")
   if latest is not None:
     where = os.path.join(ckpt.directory, str(latest))
     ckpt_lib.check_compatible(ckpt.read_meta(latest), dataclasses.asdict(model_cfg), tokenizer.to_bytes(), where)
@@ -183,30 +236,55 @@ def run(config, workdir):
     writer.info(f"resumed from {where}")
   start = int(state["step"])
 
+  # ---- Preference losses: the reference model's log-probabilities join every batch ----
+  put_train = put_eval = put
+  if losses.is_preference(config.loss):
+    def starting_model():  # (params, frozen) before step 1, loaded again (on a resume too)
+      params0, frozen0 = reference.fresh_params(m)
+      if config.init_from:
+        start0, frozen0 = _load_init_from(config.init_from, model_cfg, tokenizer, m, {"params": params0}, frozen0,
+                                          True, mesh, rules, config.seed)
+        params0 = start0["params"]
+      return params0, frozen0
+
+    put_train, put_eval = reference.make_puts(
+        config, m, state["params"], frozen, put, starting_model=starting_model, fresh=latest is None,
+        workdir=workdir, tokenizer=tokenizer, batch_size=local_batch, shard=shard, mesh=mesh, rules=rules,
+        data_sh=data_sh)
+
   # ---- Compile the step ----
-  train_step = jit_train_step(m, losses.LOSSES[config.loss], tx, schedule, t.grad_accum_steps, data_sh)
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, losses.LOSSES[config.loss]),
-                      in_shardings=(param_sh, frozen_sh, data_sh), out_shardings=replicated)
+  loss_fn = losses.make_loss(config)
+  train_step = jit_train_step(m, loss_fn, tx, schedule, t.grad_accum_steps, data_sh, config.seed)
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(param_sh, frozen_sh, data_sh),
+                      out_shardings=replicated)
 
   def eval_ds():
     return datasets.make_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
                                  seed=config.seed, split="eval", **shard)
 
   peak = t.peak_flops if t.peak_flops >= 0 else measure_peak_flops()
-  flops_per_step = model_cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
-  tokens_per_step = t.batch_size * t.seq_len
+  tokens_per_step = t.batch_size * t.seq_len * datasets.rows_per_example(config.data)
+  flops_per_step = model_cfg.flops_per_token(t.seq_len) * tokens_per_step
   last = {}
 
   def save(step_no, force=False):
     ckpt.save(step_no, state, train_iter.get_state(), meta, force=force)
 
+  def log_eval(step_no):
+    loss, metrics = evaluate(eval_step, state["params"], frozen, eval_ds(), put_eval, t.eval_batches)
+    writer.write(step_no, {"loss": loss, "perplexity": math.exp(min(loss, 50)), **metrics}, prefix="eval/")
+    writer.info(f"step {step_no:>6d} | eval loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}"
+                + "".join(f" | {k} {v:.4f}" for k, v in metrics.items()))
+
   # ---- The loop ----
   with sharding.use(mesh, rules), _Preemption() as preempt:
     if start >= t.steps:
       writer.info(f"{workdir} is already at step {start} of {t.steps}; nothing to train")
+    if start == 0 and t.eval_every and t.get("eval_at_start", False):
+      log_eval(0)  # the starting model, e.g. DPO's held-out preference accuracy before training
     tic, tic_step = time.perf_counter(), start
     for step_no in range(start, t.steps):
-      batch = put(next(train_iter))
+      batch = put_train(next(train_iter))
       state, metrics = train_step(state, frozen, batch)
       done = step_no + 1
       if done % t.log_every == 0 or done == t.steps or done == start + 1:
@@ -226,9 +304,7 @@ def run(config, workdir):
         last = metrics
         tic, tic_step = time.perf_counter(), done
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-        loss = evaluate(eval_step, state["params"], frozen, eval_ds(), put, t.eval_batches)
-        writer.write(done, {"loss": loss, "perplexity": math.exp(min(loss, 50))}, prefix="eval/")
-        writer.info(f"step {done:>6d} | eval loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
+        log_eval(done)
         tic, tic_step = time.perf_counter(), done  # keep eval time out of tokens/s
       if done % t.checkpoint_every == 0 or done == t.steps:
         save(done)
@@ -243,8 +319,8 @@ def run(config, workdir):
 
     # ---- Final held-out evaluation ----
     if t.eval_every and not preempt.requested:
-      loss = evaluate(eval_step, state["params"], frozen, eval_ds(), put, t.eval_batches)
-      final = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+      loss, metrics = evaluate(eval_step, state["params"], frozen, eval_ds(), put_eval, t.eval_batches)
+      final = {"loss": loss, "perplexity": math.exp(min(loss, 50)), **metrics}
       if t.report_unigram:
         final["unigram_entropy"] = pipeline.unigram_cross_entropy(
             pipeline.split_tokens(config.data, tokenizer, "train"),
@@ -253,7 +329,7 @@ def run(config, workdir):
       msg = f"final held-out loss {loss:.4f} nats/token (perplexity {final['perplexity']:.2f})"
       if "unigram_entropy" in final:
         msg += f"; unigram entropy of the corpus {final['unigram_entropy']:.4f} nats/token"
-      writer.info(msg)
+      writer.info(msg + "".join(f"; {k} {v:.4f}" for k, v in metrics.items()))
       last.update({f"eval/{k}": v for k, v in final.items()})
   writer.close()
   logging.info("done: %s", workdir)
