@@ -7,10 +7,16 @@ Schedules (`optim.schedule`):
            (`decay_shape` linear or 1-sqrt, as in Hägele et al. 2024).
   linear   linear warmup, then linear decay to `min_lr_ratio * lr`.
   constant linear warmup, then constant.
+
+An anneal (configs/anneal.py) is `wsd` with warmup_steps=0, decay_fraction=1
+and min_lr_ratio=0: from `lr` straight down to zero, linear or 1-sqrt; its
+`lr` is where the pre-training schedule stood at the checkpoint,
+`checkpoint_lr(meta_config, step)`.
 """
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from lmstack.errors import ConfigError
@@ -50,6 +56,21 @@ def make_schedule(cfg, total_steps):
     return jnp.where(step < warmup, warm, jnp.where(step < decay_start, peak, decayed))
 
   return schedule
+
+
+def checkpoint_lr(meta_config, step):
+  """The learning rate a training run's schedule gave at `step`.
+
+  `meta_config` is the resolved config a checkpoint's meta holds (a dict);
+  a WSD run's stable-phase checkpoints all give its peak `lr`.
+  """
+  try:
+    cfg = ml_collections.ConfigDict(meta_config["optim"])
+    total = int(meta_config["train"]["steps"])
+  except (KeyError, TypeError):
+    raise ConfigError("the checkpoint's meta has no optim/train config (a params checkpoint: soup, import, "
+                      "extend_vocab); give the learning rate") from None
+  return float(f"{float(make_schedule(cfg, total)(step)):.6g}")  # float32 noise off: 1e-3, not 0.00099999993
 
 
 def _decay_mask(params):
