@@ -80,8 +80,8 @@ def test_trainable_count_is_the_closed_form(method, extra):
   d, L, f, r, p = BASE.d_model, BASE.n_layers, BASE.mlp_dim, 16, 16
   kvd = BASE.n_kv_heads * BASE.head_dim  # 32
   expected = {
-      ("lora", ()): L * r * ((d + d) + 2 * (d + kvd) + (d + d) + 2 * (d + f) + (f + d)),
-      ("qlora", ()): L * r * ((d + d) + 2 * (d + kvd) + (d + d) + 2 * (d + f) + (f + d)),
+      ("lora", ()): L * r * ((d + d) + 2 * (d + kvd) + (d + d) + 2 * (d + f) + (f + d)) + r * (d + BASE.vocab_size),
+      ("qlora", ()): L * r * ((d + d) + 2 * (d + kvd) + (d + d) + 2 * (d + f) + (f + d)) + r * (d + BASE.vocab_size),
       ("lora", ("targets",)): L * r * ((d + d) + 2 * (d + kvd) + (d + d)),
       ("prompt", ()): p * d,
       ("prefix", ()): L * 2 * p * kvd,
@@ -142,6 +142,7 @@ def test_merged_lora_computes_the_unmerged_model(base):
   for path, v in ckpt_lib.flatten_tree(pure).items():  # non-zero B, as after training
     if path[-1].endswith("_lora_b"):
       ckpt_lib.tree_set(pure, path, 0.05 * jax.random.normal(jax.random.key(len(path[-1])), v.shape))
+  assert "unembed_lora_b" in pure  # the output projection is adapted too
   nnx.update(model, nnx.State(pure))
   merged, merged_cfg = peft.merge_lora(pure, cfg)
   assert merged_cfg.peft.method == "none" and "q_lora_a" not in merged["blocks"]["attn"]

@@ -29,6 +29,7 @@ _SFT_STEPS = flags.DEFINE_integer("sft_steps", 150, "Fine-tuning steps of 16 x 1
 _RANK = flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank).")
 _FULL_LRS = flags.DEFINE_list("full_lrs", ["1e-4", "3e-4", "1e-3"], "Full fine-tuning learning rates.")
 _LORA_LRS = flags.DEFINE_list("lora_lrs", ["1e-3", "3e-3", "1e-2"], "LoRA learning rates (both target sets).")
+_METHODS = flags.DEFINE_list("methods", ["full", "lora-all", "lora-attn"], "Which of the three to run.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 40, "Held-out batches per evaluation (0: all 5,883 examples).")
 
 
@@ -51,7 +52,7 @@ def _finetune(base, workdir, method, targets, lr):
   config = sft.get_config(f"init_from={base},method={method}")
   config.peft.update(rank=_RANK.value, alpha=2.0 * _RANK.value, targets=targets)
   config.optim.lr = lr
-  config.train.update(steps=_SFT_STEPS.value, eval_every=0, checkpoint_every=_SFT_STEPS.value,
+  config.train.update(steps=_SFT_STEPS.value, eval_every=_SFT_STEPS.value, checkpoint_every=_SFT_STEPS.value,
                       eval_batches=_EVAL_BATCHES.value, peak_flops=0.0, log_every=50)
   return trainer.run(config, workdir)["eval/loss"]
 
@@ -62,8 +63,9 @@ def main(argv):
   base = os.path.join(_WORKDIR.value, "base")
   _base(base)
   runs = ([("full", "none", ".*", float(lr)) for lr in _FULL_LRS.value]
-          + [("lora-all", "lora", ".*", float(lr)) for lr in _LORA_LRS.value]
+          + [("lora-all", "lora", ".*", float(lr)) for lr in _LORA_LRS.value]  # unembed included
           + [("lora-attn", "lora", "attn/.*", float(lr)) for lr in _LORA_LRS.value])
+  runs = [r for r in runs if r[0] in _METHODS.value]
   results = []
   for label, method, targets, lr in runs:
     workdir = os.path.join(_WORKDIR.value, f"{label}_lr{lr:g}")

@@ -8,7 +8,8 @@ optimizer state, never written. Methods:
 
   lora           W x + (alpha / r) B A x on the linear layers whose name
                  ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
-                 "mlp/down") matches `targets` (default: all seven). A is
+                 "mlp/down", and "unembed", the output projection when it is
+                 not tied) matches `targets` (default: all of them). A is
                  Gaussian with std 1/sqrt(fan_in), B is zero, so training
                  starts at the base model. rsLoRA scales by alpha / sqrt(r).
   qlora          lora over a base stored quantized (int8 or NF4, absmax
@@ -142,6 +143,11 @@ def lora_targets(cfg):
     return []
   regex = re.compile(cfg.peft.targets)
   return [name for name in linear_specs(cfg) if regex.fullmatch(name)]
+
+
+def lora_unembed(cfg):
+  """Whether the output projection gets LoRA (untied embeddings only)."""
+  return cfg.peft.lora and not cfg.tie_embeddings and re.fullmatch(cfg.peft.targets, "unembed") is not None
 
 
 def _block_size(cfg, fan_in):
@@ -282,6 +288,10 @@ def make_model_params(model, cfg, rngs):
   """The model-level parameters of prompt, prefix and llama_adapter."""
   p = cfg.peft
   n_virtual, d, std = p.num_virtual_tokens, cfg.d_model, cfg.init_std
+  if lora_unembed(cfg):
+    a = jax.random.normal(rngs.params(), (d, p.rank), jnp.float32) / math.sqrt(d)
+    model.unembed_lora_a = _param(a, ("embed", None))
+    model.unembed_lora_b = _param(jnp.zeros((p.rank, cfg.vocab_size)), (None, "vocab"))
   if p.method == "prompt":
     model.prompt = _param(std * jax.random.normal(rngs.params(), (n_virtual, d)), (None, "embed"))
   elif p.method == "prefix":
@@ -342,7 +352,7 @@ def num_trainable(cfg):
       shape, _, in_ndim = linear_specs(cfg)[name]
       fan_in, fan_out = _split(shape, in_ndim)
       total += p.rank * (fan_in + fan_out)
-    return L * total
+    return L * total + (p.rank * (d + cfg.vocab_size) if lora_unembed(cfg) else 0)
   kv = 2 * cfg.n_kv_heads * cfg.head_dim
   if p.method == "prompt":
     return p.num_virtual_tokens * d
@@ -384,6 +394,10 @@ def merge_lora(params, cfg):
     w = blocks[module][attr]
     delta = jnp.einsum("lir,lro->lio", a, b, preferred_element_type=jnp.float32) * cfg.peft.scale
     blocks[module][attr] = (w + delta.reshape(w.shape)).astype(w.dtype)
+  if "unembed_lora_a" in out:
+    a, b = out.pop("unembed_lora_a"), out.pop("unembed_lora_b")
+    delta = jnp.einsum("dr,rv->dv", a, b, preferred_element_type=jnp.float32) * cfg.peft.scale
+    out["unembed"] = (out["unembed"] + delta).astype(out["unembed"].dtype)
   return out, dataclasses.replace(cfg, peft=PeftConfig())
 
 

@@ -493,7 +493,12 @@ class Transformer(nnx.Module):
   def logits(self, h_btd):
     if self.cfg.tie_embeddings:
       return _matmul("btd,vd->btv", h_btd, self.embed[...], self.cfg.compute_dtype)
-    return _matmul("btd,dv->btv", h_btd, self.unembed[...], self.cfg.compute_dtype)
+    dt = self.cfg.compute_dtype
+    logits_btv = _matmul("btd,dv->btv", h_btd, self.unembed[...], dt)
+    if peft_lib.lora_unembed(self.cfg):
+      h_btr = _matmul("btd,dr->btr", h_btd, self.unembed_lora_a[...], dt)
+      logits_btv = logits_btv + self.cfg.peft.scale * _matmul("btr,rv->btv", h_btr, self.unembed_lora_b[...], dt)
+    return logits_btv
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, rng=None):
     """Logits B T V (float32); with a cache, (logits, updated cache)."""
