@@ -58,7 +58,8 @@ class MetricWriter:
       return
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
     parts = [f"step {step:>6d}/{self.total_steps}"]
-    for key, fmt in (("loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f"), ("tokens_per_sec", ",.0f"), ("mfu", ".1%")):
+    for key, fmt in (("loss", ".4f"), ("rewards/accuracies", ".3f"), ("rewards/margins", ".3f"), ("lr", ".2e"),
+                     ("grad_norm", ".3f"), ("tokens_per_sec", ",.0f"), ("mfu", ".1%")):
       if key in scalars:
         parts.append(f"{key} {format(float(scalars[key]), fmt)}")
     parts.append(f"eta {_fmt_time(eta)}")

@@ -4,6 +4,7 @@
   python tools/bench.py --presets=default --batch_size=8 --seq_len=512 --steps=10
   python tools/bench.py --mode=decode         # KV-cache decoding vs recomputing the prefix
   python tools/bench.py --presets=100m --peft=none,lora,qlora   # full fine-tuning vs LoRA vs QLoRA
+  python tools/bench.py --mode=dpo --presets=100m --peft=none,lora --dpo_reference=copy,adapters_off
 
 The MFU denominator is this machine's matmul peak measured in the same run
 (bf16 inputs, float32 accumulation, a 2048^3 matmul per device), so ratios are
@@ -36,7 +37,10 @@ _STEPS = flags.DEFINE_integer("steps", 8, "Measured steps (after 2 warm-up steps
 _REMAT = flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
 _SCAN = flags.DEFINE_enum("scan_layers", "preset", ["preset", "true", "false"], "Scan the layers or unroll them.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Matmul input dtype.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode"], "What to measure.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode", "dpo"], "What to measure.")
+_DPO_REF = flags.DEFINE_list("dpo_reference", ["copy", "adapters_off"],
+                             "dpo: reference modes (copy, adapters_off, precomputed), each with each --peft "
+                             "method it fits, in its own process.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "decode: prompt length.")
 _PEFT = flags.DEFINE_list("peft", ["none"], "Methods to train: none (all parameters), lora, qlora, ...")
@@ -192,9 +196,118 @@ def _in_subprocess(name, method):
   return rows[0]
 
 
+def bench_dpo(name, batch_size, seq_len, steps, remat, dtype, scan="preset", method="none", rank=16,
+              reference_mode="copy"):
+  """One DPO step (the reference forward, then the policy's forward + backward) on
+  `batch_size` pairs = 2 x batch_size rows; tokens/s counts both rows."""
+  import functools
+
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from lmstack import sharding
+  from lmstack.model import peft
+  from lmstack.model.transformer import PRESETS
+  from lmstack.train import losses, optim, reference
+  from lmstack.train.state import init_sharded, jit_train_step
+
+  cfg = dataclasses.replace(PRESETS[name], remat=remat, dtype=dtype, max_seq_len=max(seq_len, PRESETS[name].max_seq_len))
+  if scan != "preset":
+    cfg = dataclasses.replace(cfg, scan_layers=scan == "true")
+  cfg = dataclasses.replace(cfg, peft=peft.PeftConfig(method=method, rank=rank))
+  mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.resolve_rules("fsdp")
+  ocfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
+                                        decay_fraction=0.2, decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8,
+                                        weight_decay=0.0, grad_clip=1.0))
+  tx, schedule = optim.make_optimizer(ocfg, 1000)
+  m = init_sharded(cfg, peft.trainable_pattern(method), tx, mesh, rules, seed=0)
+  data_sh = sharding.batch_sharding(mesh, rules)
+  step = jit_train_step(m, functools.partial(losses.dpo_loss, beta=0.1), tx, schedule, 1, data_sh)
+  ref_logps = reference.make_ref_logps(m, data_sh)
+  state, frozen = m.init()
+  if reference_mode == "copy":  # a second copy of every starting parameter
+    ref = reference.fresh_params(m)
+  elif reference_mode == "adapters_off":  # the policy's base, adapters zero
+    ref = (jax.tree.map(jax.numpy.zeros_like, state["params"]), frozen)
+  else:
+    ref = None
+  rng = np.random.default_rng(0)
+  tok = rng.integers(4, cfg.vocab_size, (batch_size, 2, seq_len + 1)).astype(np.int32)
+  mask = (np.arange(seq_len) >= seq_len // 4).astype(np.int32)  # a quarter prompt, the rest response
+  batch = {"inputs": tok[..., :-1], "targets": tok[..., 1:], "segment_ids": np.ones((batch_size, 2, seq_len), np.int32),
+           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, 2, seq_len)).copy(),
+           "loss_mask": np.broadcast_to(mask, (batch_size, 2, seq_len)).copy(),
+           "ref_logps": np.full((batch_size, 2), -5.0 * seq_len, np.float32)}
+  batch = {k: jax.device_put(v, data_sh) for k, v in batch.items()}
+
+  def one_step(state):
+    b = batch if ref is None else {**batch, "ref_logps": ref_logps(*ref, batch)}
+    return step(state, frozen, b)
+
+  with sharding.use(mesh, rules):
+    t0 = time.perf_counter()
+    state, metrics = one_step(state)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    state, metrics = one_step(state)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = one_step(state)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(preset=name, method=method, reference=reference_mode, pairs=batch_size, seq=seq_len,
+              compile_s=compile_s, step_median_s=med, step_min_s=min(times), step_max_s=max(times),
+              tokens_per_s=2 * batch_size * seq_len / med, loss=float(metrics["loss"]),
+              trainable=sum(x.size for x in jax.tree.leaves(state["params"])),
+              policy_bytes=nbytes(state["params"]) + nbytes(frozen), opt_state_bytes=nbytes(state["opt_state"]),
+              reference_bytes=0 if ref is None else nbytes(ref[0]) + (nbytes(ref[1]) if ref[1] is not frozen else 0),
+              peak_device_bytes=stats.get("peak_bytes_in_use", 0),
+              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def main_dpo():
+  """--mode=dpo: one process per (preset, method, reference), a table."""
+  import jax
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; DPO step = reference forward + policy "
+        f"forward/backward on {_BATCH.value} pairs ({2 * _BATCH.value} rows) x {_SEQ.value} tokens")
+  print(f"{'preset':>8} {'method':>6} {'reference':>12} {'compile_s':>9} {'step_s med/min/max':>20} {'tokens/s':>9} "
+        f"{'policy MB':>9} {'opt MB':>8} {'ref MB':>8} {'peak dev MB':>11} {'peak RSS MB':>11}")
+  for name in _PRESETS.value:
+    for method in _PEFT.value:
+      for mode in _DPO_REF.value:
+        if mode == "adapters_off" and method not in ("lora", "qlora", "adapter", "llama_adapter"):
+          continue
+        if _JSON.value:
+          r = bench_dpo(name, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value, _DTYPE.value, _SCAN.value,
+                        method, _RANK.value, mode)
+          print("RESULT " + json.dumps(r), flush=True)
+          continue
+        args = [a for a in sys.argv[1:] if not a.startswith(("--peft", "--presets", "--json", "--dpo_reference"))]
+        cmd = [sys.executable, __file__, *args, f"--presets={name}", f"--peft={method}", f"--dpo_reference={mode}",
+               "--json"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        rows = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode or not rows:
+          raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        r, mb = rows[0], 2**20
+        times = f"{r['step_median_s']:.3f}/{r['step_min_s']:.3f}/{r['step_max_s']:.3f}"
+        print(f"{name:>8} {method:>6} {mode:>12} {r['compile_s']:>9.1f} {times:>20} {r['tokens_per_s']:>9,.0f} "
+              f"{r['policy_bytes'] / mb:>9.1f} {r['opt_state_bytes'] / mb:>8.1f} {r['reference_bytes'] / mb:>8.1f} "
+              f"{r['peak_device_bytes'] / mb:>11.0f} {r['peak_rss_bytes'] / mb:>11.0f}", flush=True)
+
+
 def main(argv):
   del argv
   import jax
+  if _MODE.value == "dpo":
+    main_dpo()
+    return
   if _MODE.value == "decode":
     print(f"greedy decoding, batch {_BATCH.value}, prompt {_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, "
           f"dtype {_DTYPE.value}")

@@ -32,3 +32,8 @@ def make_dataset(data_cfg, tokenizer, *, seq_len, batch_size, seed, split="train
   builder = getattr(importlib.import_module(module), name)
   return builder(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, split=split,
                  shard_index=shard_index, shard_count=shard_count)
+
+
+def rows_per_example(data_cfg):
+  """Rows of seq_len tokens per batch element: 2 for preference pairs (chosen, rejected), else 1."""
+  return 2 if data_cfg.get("kind", "lm") == "preference" else 1

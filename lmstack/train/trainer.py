@@ -69,6 +69,9 @@ def validate(config, model_cfg, n_devices):
   if losses.is_preference(config.loss):
     losses.make_loss(config)  # checks config.dpo
     reference.validate(config, model_cfg)
+  elif config.data.get("kind") == "preference":
+    raise ConfigError(f"config.data.kind='preference' gives pairs; config.loss={config.loss!r} is not a preference "
+                      f"loss ({', '.join(losses.PREFERENCE)})")
   try:
     re.compile(config.trainable)
   except re.error as e:

@@ -1,0 +1,82 @@
+"""tools/aot_compile.py: the train step compiled for a TPU slice on this CPU, its memory and its verdict.
+
+  pip install -e '.[tpu]' && python -m pytest -q tests/test_aot.py
+
+Skipped without libtpu (the `tpu` extra, or TPU_LIBRARY_PATH naming libtpu.so).
+Each case is its own process; the tool holds a lock file, so only one loads
+libtpu and compiles at a time.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None or os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", ""))
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+def aot(*args):
+  """(return code, the JSON figures or None, stdout + stderr) of one run of the tool."""
+  out = subprocess.run([sys.executable, TOOL, "--json", *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600, check=False)
+  rows = [json.loads(l[len("RESULT "):]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+  return out.returncode, rows[0] if rows else None, out.stdout + out.stderr
+
+
+def test_slice_names_map_to_topologies():
+  code = ("import aot_compile as a; print([a.slice_topology(n)[0] for n in "
+          "('v4-8', 'v4-32', 'v5p-64', 'v5p-128', 'v5e-4', 'v5litepod-16', 'v6e-8', 'v6e-256', 'v5p:4x4x12')])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(TOOL))
+  assert out.stdout.strip() == str(["v4:2x2x1", "v4:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5e:2x2", "v5e:4x4",
+                                    "v6e:2x4", "v6e:16x16", "v5p:4x4x12"])
+
+
+@needs_libtpu
+def test_tiny_fits_a_v5e_4():
+  rc, r, log = aot("--config=configs/pretrain.py:size=tiny", "--slice=v5e-4", "--batch_size=8", "--seq_len=128")
+  assert rc == 0, log
+  assert r["compiled"] and r["fits"] and r["chips"] == 4 and r["device_kind"] == "TPU v5 lite"
+  assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  for key in ("argument_bytes", "temp_bytes", "code_bytes", "peak_bytes", "xla_flops_per_chip"):
+    assert r[key] > 0, key
+  assert r["peak_bytes"] < r["hbm_bytes"] == 16 * 2**30
+  # The state (params + two Adam moments, float32) is split 4 ways and is among the step's arguments.
+  assert r["argument_bytes"] >= r["state_bytes"] >= 3 * 4 * r["params"] / 4
+  assert "verdict  fits" in log
+
+
+@needs_libtpu
+def test_what_does_not_fit_exits_1():
+  # The sharded state alone: 70B x 12 bytes over 4 chips is ~190 GiB a chip, so no compile is needed.
+  rc, r, log = aot("--config=configs/pretrain.py:size=70b", "--slice=v5e-4", "--batch_size=4", "--seq_len=4096")
+  assert rc == 1 and not r["fits"] and r["peak_bytes"] > 10 * r["hbm_bytes"], log
+  # Temporaries: libtpu refuses the program (logits of 32768 x 128 tokens need ~66 GiB).
+  rc, r, log = aot("--config=configs/pretrain.py:size=tiny", "--slice=v5e-4", "--batch_size=32768",
+                   "--seq_len=128")
+  assert rc == 1 and not r["fits"] and r["peak_bytes"] > r["hbm_bytes"], log
+  assert "DOES NOT FIT" in log
+
+
+def test_user_errors_are_one_line_with_status_2():
+  rc, _, log = aot("--config=configs/pretrain.py:size=tiny", "--slice=v5e-3")
+  assert rc == 2 and log.strip().splitlines() == ["error: --slice='v5e-3': v5e-N takes N in "
+                                                  "[1, 4, 8, 16, 32, 64, 128, 256] (chips)"]
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/lora.py", "configs/dpo.py"])
+def test_fine_tuning_stages_compile(config):
+  rc, r, log = aot(f"--config={config}", "--preset=tiny", "--slice=v4-8", "--batch_size=8", "--seq_len=128")
+  assert rc == 0 and r["fits"], log
+  if "lora" in config:
+    assert r["peft"] == "lora" and r["trainable"] < r["params"] / 10
+  else:  # a frozen copy of the starting model gives the reference log-probabilities
+    assert r["loss"] == "dpo" and r["rows"] == 2 and r["reference_bytes"] > 0
