@@ -220,8 +220,9 @@ def test_sharded_lora_equals_one_device():
   one, *_ = _train(cfg, batch, steps=4)
   eight, *_ = _train(cfg, batch, steps=4, mesh_shape=(1, 8, 1))
   two_by_four, *_ = _train(cfg, batch, steps=4, mesh_shape=(2, 4, 1))
-  np.testing.assert_allclose(eight, one, rtol=2e-5)
-  np.testing.assert_allclose(two_by_four, one, rtol=2e-5)
+  # bf16 matmul inputs reduced in another order across shards, then Adam at lr 1e-2: ~3e-5 apart.
+  np.testing.assert_allclose(eight, one, rtol=1e-4)
+  np.testing.assert_allclose(two_by_four, one, rtol=1e-4)
 
 
 def test_lora_dropout_is_training_only(base):
