@@ -70,6 +70,13 @@ def test_user_errors_are_one_line_with_status_2():
                                                   "[1, 4, 8, 16, 32, 64, 128, 256] (chips)"]
 
 
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed")
+def test_without_libtpu_it_says_how_to_get_it():
+  rc, _, log = aot("--config=configs/pretrain.py:size=tiny", "--slice=v5e-4")
+  assert rc == 2 and log.strip() == ("error: libtpu is not installed: pip install -e '.[tpu]' "
+                                     "(or set TPU_LIBRARY_PATH to libtpu.so)")
+
+
 @needs_libtpu
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/lora.py", "configs/dpo.py"])
@@ -77,6 +84,6 @@ def test_fine_tuning_stages_compile(config):
   rc, r, log = aot(f"--config={config}", "--preset=tiny", "--slice=v4-8", "--batch_size=8", "--seq_len=128")
   assert rc == 0 and r["fits"], log
   if "lora" in config:
-    assert r["peft"] == "lora" and r["trainable"] < r["params"] / 10
+    assert r["peft"] == "lora" and r["trainable"] < r["params"] / 4  # adapters only
   else:  # a frozen copy of the starting model gives the reference log-probabilities
     assert r["loss"] == "dpo" and r["rows"] == 2 and r["reference_bytes"] > 0

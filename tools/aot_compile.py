@@ -1,11 +1,13 @@
 """Will it fit? Compiles the real train step for a Cloud TPU slice on this CPU.
 
   pip install -e '.[tpu]'   # libtpu: the TPU compiler (no TPU needed)
-  python tools/aot_compile.py --config=configs/pretrain.py:size=7b --slice=v5p-64 --remat=full
+  python tools/aot_compile.py --config=configs/pretrain.py:size=7b --slice=v5p-64 --batch_size=32 \\
+      --seq_len=4096 --remat=full
   python tools/aot_compile.py --config=configs/pretrain.py:size=70b --slice=v5e-4   # exits 1: does not fit
-  python tools/aot_compile.py --config=configs/lora.py --preset=7b --slice=v5e-8 --seq_len=2048
+  python tools/aot_compile.py --config=configs/lora.py:qlora --preset=7b --slice=v5e-4 --batch_size=4 --remat=full
   python tools/aot_compile.py --config=configs/dpo.py --preset=1b --slice=v4-8 --batch_size=8
-  python tools/aot_compile.py --config=configs/pretrain.py:size=7b --slice=v5e-16 --num_slices=2   # DCN data axis
+  python tools/aot_compile.py --config=configs/pretrain.py:size=7b --slice=v5p-64 --num_slices=2 \\
+      --batch_size=64 --remat=full   # two slices, the mesh's data axis over DCN
 
 `jax.experimental.topologies` makes compile-only devices of the named slice
 (v4-N and v5p-N count TensorCores, two per chip; v5e-N, v5litepod-N and v6e-N
@@ -14,15 +16,16 @@ them, and the train step the trainer runs (`jit_train_step`: same state,
 shardings, loss, optimizer and donation) is lowered with abstract inputs and
 compiled by libtpu. It prints per-chip memory from XLA's buffer assignment
 (arguments, outputs not aliased to donated inputs, temporaries, code; their
-sum is the peak) against the chip's HBM, and the FLOPs per step, and exits 1
-when the step does not fit. A DPO reference copy (`dpo.reference=copy`) is
-resident beside the step and counted. When the sharded state alone exceeds
-HBM the step is not compiled (`--compile_anyway` compiles it).
+sum is the peak) against the chip's HBM, and the FLOPs per step. It exits 1
+when the step does not fit, 2 on a usage error (one line). A DPO reference
+copy (`dpo.reference=copy`) is resident beside the step and counted. When the
+sharded state alone exceeds HBM the step is not compiled (`--compile_anyway`
+compiles it).
 
 Any config field is overridable (--config.train.grad_accum_steps=4); the flags
 --preset, --batch_size, --seq_len, --remat, --mesh_shape and --rules are
 shortcuts. Only one aot_compile.py runs at a time (a lock file: compiling a
-70B step takes many GB of RAM); libtpu is loaded with
+70B step takes GBs of RAM and minutes); libtpu is loaded with
 ALLOW_MULTIPLE_LIBTPU_LOAD=1, since no TPU is ever opened.
 """
 
@@ -72,6 +75,7 @@ _FAMILY = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v
 # The 2D shapes of the v5e and v6e slices, by chips (one host up to 8 chips, then 4 a host).
 _2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 LOCK = os.path.join(tempfile.gettempdir(), "lmstack_aot_compile.lock")
+NO_LIBTPU = "libtpu is not installed: pip install -e '.[tpu]' (or set TPU_LIBRARY_PATH to libtpu.so)"
 
 
 def slice_topology(name):
@@ -115,7 +119,7 @@ def tpu_devices(slice_name, num_slices):
   from jax.experimental import topologies
   topology, kwargs = slice_topology(slice_name)
   if xla_bridge.get_tpu_library_path() is None:
-    raise ConfigError("libtpu is not installed: pip install -e '.[tpu]' (or set TPU_LIBRARY_PATH to libtpu.so)")
+    raise ConfigError(NO_LIBTPU)
   family, dims = topology.split(":")
   chips = math.prod(int(d) for d in dims.split("x"))
   accelerator = {"v4": f"v4-{2 * chips}", "v5p": f"v5p-{2 * chips}", "v5e": f"v5litepod-{chips}"}.get(
@@ -338,7 +342,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     config = apply_flags(_CONFIG.value)
-    slice_topology(_SLICE.value)  # a bad name fails before waiting for the lock
+    slice_topology(_SLICE.value)  # a bad name or no libtpu fails before waiting for the lock
+    from jax._src import xla_bridge
+    if xla_bridge.get_tpu_library_path() is None:
+      raise ConfigError(NO_LIBTPU)
     with exclusive():
       r = compile_step(config, _SLICE.value, _NUM_SLICES.value, _ANYWAY.value)
   except (LmstackError, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
