@@ -201,6 +201,14 @@ def test_bad_records_name_the_line(tmp_path, tok, record, needle):
     preference.make_preference_dataset(config.data, tok, seq_len=32, batch_size=2, seed=0)
 
 
+def test_pairs_too_long_for_seq_len_are_an_error(tok):
+  data = dpo.get_config("runlocal,data=humaneval_pairs").data
+  with pytest.raises(DataError, match="no pair of the eval split keeps a response token .* seq_len=16"):
+    preference.make_preference_dataset(data, tok, seq_len=16, batch_size=2, seed=0, split="eval")
+  n = len(preference.pairs(data, "eval"))
+  assert preference.check_pairs(data, tok, 16, "eval") == (n, n, n)  # (pairs, truncated, dropped)
+
+
 def test_train_split_resumes_exactly(tok):
   data = dpo.get_config("runlocal").data
   it = iter(preference.make_preference_dataset(data, tok, seq_len=32, batch_size=4, seed=3))

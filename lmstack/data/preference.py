@@ -315,9 +315,13 @@ def make_preference_dataset(data_cfg, tokenizer, *, seq_len, batch_size, seed, s
   ds = grain.MapDataset.source(list(enumerate(data)))[shard_index::shard_count]
   if not len(ds):
     raise DataError(f"preference shard {shard_index} of {shard_count} has no pair ({len(data)} in the {split} split)")
+  encode = EncodePair(tokenizer, seq_len, data_cfg.get("separator", "\n"))
+  if not any(encode(ds[i]) is not None for i in range(len(ds))):  # stops at the first pair that fits
+    raise DataError(f"no pair of the {split} split keeps a response token of both rows within "
+                    f"seq_len={seq_len} (config.train.seq_len)")
   if split == "train":
     ds = ds.shuffle(seed=int(seed) % 2**32).repeat()
-  ds = ds.map(EncodePair(tokenizer, seq_len, data_cfg.get("separator", "\n"))).filter(lambda x: x is not None)
+  ds = ds.map(encode).filter(lambda x: x is not None)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
   if split == "train":
     it = it.batch(batch_size, drop_remainder=True)
