@@ -45,7 +45,6 @@ forever; its iterator state is JSON (exact resume).
 import ast
 import functools
 import io
-import json
 import os
 import tokenize
 
@@ -185,38 +184,28 @@ def jsonl_pairs(paths, prompt_field="prompt", chosen_field="chosen", rejected_fi
   """Records of JSONL files, checked: text pairs or chats (see the module doc)."""
   files = sources.expand_paths(paths)
   out = []
-  for path in files:
-    for lineno, line in enumerate(sources.read_text(path).split("\n"), start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      missing = [f for f in (chosen_field, rejected_field) if f not in record]
-      if missing:
-        raise DataError(f"{where}: no field {missing[0]!r} (fields: {', '.join(record)}); set "
-                        "data.prompt_field / data.chosen_field / data.rejected_field")
-      prompt, chosen, rejected = record.get(prompt_field), record[chosen_field], record[rejected_field]
-      if prompt is None and isinstance(chosen, str):
-        raise DataError(f"{where}: no field {prompt_field!r} (fields: {', '.join(record)}); set data.prompt_field")
-      if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
-        empty = chosen_field if not chosen.strip() else rejected_field if not rejected.strip() else None
-        if empty:
-          raise DataError(f"{where}: field {empty!r} is empty")
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        continue
-      if prompt is None:
-        prompt = []
-      elif isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-      elif not isinstance(prompt, list):
-        raise DataError(f"{where}: field {prompt_field!r} must be a string or a list of messages")
-      out.append({"chosen": prompt + _as_messages(chosen, where, chosen_field),
-                  "rejected": prompt + _as_messages(rejected, where, rejected_field)})
+  for where, record in sources.jsonl_records(files):
+    missing = [f for f in (chosen_field, rejected_field) if f not in record]
+    if missing:
+      raise DataError(f"{where}: no field {missing[0]!r} (fields: {', '.join(record)}); set "
+                      "data.prompt_field / data.chosen_field / data.rejected_field")
+    prompt, chosen, rejected = record.get(prompt_field), record[chosen_field], record[rejected_field]
+    if prompt is None and isinstance(chosen, str):
+      raise DataError(f"{where}: no field {prompt_field!r} (fields: {', '.join(record)}); set data.prompt_field")
+    if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+      empty = chosen_field if not chosen.strip() else rejected_field if not rejected.strip() else None
+      if empty:
+        raise DataError(f"{where}: field {empty!r} is empty")
+      out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+      continue
+    if prompt is None:
+      prompt = []
+    elif isinstance(prompt, str):
+      prompt = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, list):
+      raise DataError(f"{where}: field {prompt_field!r} must be a string or a list of messages")
+    out.append({"chosen": prompt + _as_messages(chosen, where, chosen_field),
+                "rejected": prompt + _as_messages(rejected, where, rejected_field)})
   if not out:
     raise DataError(f"no preference pairs in {', '.join(files)}")
   return tuple(out)

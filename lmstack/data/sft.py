@@ -70,31 +70,21 @@ def jsonl_examples(paths, prompt_field="prompt", response_field="response", mess
   """Records of JSONL files, checked: each a prompt/response pair or a chat."""
   files = sources.expand_paths(paths)
   out = []
-  for path in files:
-    for lineno, line in enumerate(sources.read_text(path).split("\n"), start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      if messages_field:
-        messages = record.get(messages_field)
-        if not isinstance(messages, list) or not messages:
-          raise DataError(f"{where}: field {messages_field!r} must be a non-empty list of messages "
-                          f"(fields: {', '.join(record)})")
-        out.append({"messages": messages})
-        continue
-      for field in (prompt_field, response_field):
-        if not isinstance(record.get(field), str):
-          raise DataError(f"{where}: expected string fields {prompt_field!r} and {response_field!r} "
-                          f"(fields: {', '.join(record)}); set data.prompt_field / data.response_field")
-      if not record[response_field].strip():
-        raise DataError(f"{where}: field {response_field!r} is empty")
-      out.append({"prompt": record[prompt_field], "response": record[response_field]})
+  for where, record in sources.jsonl_records(files):
+    if messages_field:
+      messages = record.get(messages_field)
+      if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field {messages_field!r} must be a non-empty list of messages "
+                        f"(fields: {', '.join(record)})")
+      out.append({"messages": messages})
+      continue
+    for field in (prompt_field, response_field):
+      if not isinstance(record.get(field), str):
+        raise DataError(f"{where}: expected string fields {prompt_field!r} and {response_field!r} "
+                        f"(fields: {', '.join(record)}); set data.prompt_field / data.response_field")
+    if not record[response_field].strip():
+      raise DataError(f"{where}: field {response_field!r} is empty")
+    out.append({"prompt": record[prompt_field], "response": record[response_field]})
   if not out:
     raise DataError(f"no examples in {', '.join(files)}")
   return out

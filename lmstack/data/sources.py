@@ -175,6 +175,24 @@ def jsonl_documents(paths: PathsArg, *, field: str = "text") -> list[str]:
   return _check_not_empty(docs, files)
 
 
+def jsonl_records(paths: PathsArg):
+  """Yields ("file:line", record) for every JSON object of JSONL files (`.gz`
+  too), skipping blank lines. A line that is not valid JSON, or not an
+  object, raises DataError naming file:line."""
+  for path in expand_paths(paths):
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+      if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+      yield where, record
+
+
 def text_source(
     paths: PathsArg, *, max_doc_chars: int = MAX_DOC_CHARS
 ) -> grain.MapDataset:

@@ -401,25 +401,6 @@ def merge_lora(params, cfg):
   return out, dataclasses.replace(cfg, peft=PeftConfig())
 
 
-def strip(params, cfg):
-  """The base model's parameters of a pure dict: every adapter removed."""
-  keep = re.compile(trainable_pattern(cfg.peft.method)) if cfg.peft.method != "none" else None
-
-  def walk(tree, prefix):
-    out = {}
-    for key, sub in tree.items():
-      path = f"{prefix}/{key}" if prefix else str(key)
-      if isinstance(sub, dict):
-        sub = walk(sub, path)
-        if sub:
-          out[key] = sub
-      elif keep is None or not keep.fullmatch(path):
-        out[key] = sub
-    return out
-
-  return walk(params, "")
-
-
 def dequantized_base(base, cfg):
   """`base` (full-precision weights) as the qlora model sees them: quantized
   and dequantized with `cfg.peft`'s scheme; other configs return it as is."""
