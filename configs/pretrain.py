@@ -62,6 +62,11 @@ def get_config(arg=None):
       tensorboard=True,
       peak_flops=-1.0,  # matmul FLOP/s for MFU; -1 measures it at start, 0 disables MFU
       report_unigram=True,  # print the corpus's unigram entropy beside the final loss
+      # The step's guard (lmstack/train/step.py Guard): a skipped step keeps its params and optimizer state.
+      skip_nonfinite=True,  # skip a step whose loss or grad norm is inf/NaN (False: stop the run)
+      spike_zscore=0.0,  # skip a loss this many running std above its running mean; 0: off
+      spike_warmup_steps=20,  # applied steps before the spike test starts
+      max_consecutive_skips=10,  # stop after this many skipped steps in a row; 0: never
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -79,7 +84,8 @@ def get_config(arg=None):
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(
-      shape=(1, -1, 1),  # (data, fsdp, tensor); -1 takes the remaining devices
+      shape=(1, -1, 1),  # (data, fsdp, tensor) within a slice; -1 takes the remaining devices
+      dcn_shape=(-1, 1, 1),  # across slices (multi-slice TPU), multiplying `shape`: data parallel over DCN
       rules="fsdp",  # fsdp | fsdp_tp | dp (see lmstack/sharding.py)
   ))
 

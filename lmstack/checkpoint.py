@@ -7,44 +7,172 @@ A checkpoint step directory holds three items:
 
 Saves are asynchronous and atomic: Orbax writes into a temporary directory and
 renames it when complete, so a process killed mid-save leaves the previous
-checkpoint as the newest complete one.
+checkpoint as the newest complete one. Just before the rename, a manifest
+(`manifest.sha256.json`: size and SHA-256 of every file of the three items) is
+written into the temporary directory, so it commits with the checkpoint; a
+restore checks it first, as a flipped byte in an uncompressed array chunk would
+otherwise load silently. A checkpoint that fails its manifest or its restore is
+skipped for the one before it and renamed `<step>.corrupt-<unix time>` (kept
+for inspection; Orbax neither resumes from it nor counts it towards `keep`).
+A save that fails (a full disk) raises a one-line CheckpointError naming the
+step and the cause; the previous checkpoints are untouched.
 """
 
 import base64
 import dataclasses
+import errno as errno_lib
+import hashlib
 import json
 import logging
 import os
 import re
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lmstack import sharding
+from lmstack import paths, sharding
 from lmstack.errors import CheckpointError
 from lmstack.model import peft as peft_lib
 from lmstack.model.transformer import ModelConfig, Transformer
+
+
+MANIFEST = "manifest.sha256.json"
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary name for a step being saved: `<step><suffix>`
+
+
+def _item_files(step_dir):
+  """Relative paths of the files inside a step's item directories (not Orbax's
+  own step metadata at the top, which it rewrites while committing)."""
+  out = []
+  for item in sorted(os.listdir(step_dir)):
+    top = os.path.join(step_dir, item)
+    if not os.path.isdir(top):
+      continue
+    for root, dirs, files in os.walk(top):
+      dirs.sort()
+      out.extend(os.path.relpath(os.path.join(root, f), step_dir) for f in sorted(files))
+  return out
+
+
+def _sha256(path):
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 23):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def write_manifest(step_dir):
+  """Writes `step_dir/MANIFEST` (size and SHA-256 of every item file), atomically.
+
+  Local (and network) disks only: Cloud Storage checks each object's CRC32C itself.
+  """
+  if paths.is_remote(step_dir):
+    return
+  files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "sha256": _sha256(os.path.join(step_dir, rel))}
+           for rel in _item_files(step_dir)}
+  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"version": 1, "files": files}, f, indent=0, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def verify_manifest(step_dir):
+  """True if `step_dir` matches its manifest, False if it has none (a checkpoint
+  from before manifests, or a synchronous save killed before writing it);
+  raises CheckpointError naming the first file that is missing or differs."""
+  path = os.path.join(step_dir, MANIFEST)
+  if paths.is_remote(step_dir) or not os.path.exists(path):
+    return False
+  try:
+    with open(path, encoding="utf-8") as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"checkpoint {step_dir} has an unreadable {MANIFEST} ({first_line(e)})") from None
+  for rel, want in sorted(files.items()):
+    p = os.path.join(step_dir, rel)
+    if not os.path.isfile(p):
+      raise CheckpointError(f"checkpoint {step_dir} lacks {rel}")
+    size = os.path.getsize(p)
+    if size != want["size"]:
+      raise CheckpointError(f"checkpoint {step_dir}: {rel} has {size} bytes, its manifest {want['size']}")
+    if _sha256(p) != want["sha256"]:
+      raise CheckpointError(f"checkpoint {step_dir}: {rel} differs from its manifest (SHA-256)")
+  return True
+
+
+def _cause(e):
+  """The root cause of a failed save as a few words, e.g. "[Errno 28] No space left on device"."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return f"[Errno {seen.errno}] {os.strerror(seen.errno)}"
+    seen = seen.__cause__ or seen.__context__
+  # tensorstore reports an OS error in its message ("... [os_error_code='28']"), not as an OSError.
+  text = str(e)
+  match = re.search(r"os_error_code='(\d+)'", text)
+  codes = [int(match.group(1))] if match else []
+  codes += [c for c in (errno_lib.ENOSPC, errno_lib.EFBIG, errno_lib.EDQUOT, errno_lib.EIO) if os.strerror(c) in text]
+  if codes:
+    return f"[Errno {codes[0]}] {os.strerror(codes[0])}"
+  return f"{type(e).__name__}: {first_line(e)}"
 
 
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for one workdir."""
 
   def __init__(self, directory, keep=3, async_save=True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.as_path(directory)  # local or gs:// (etils.epath), as Orbax takes it
+    self.async_save = async_save
+    self._saving = None  # the step of the save in flight, if any
+    async_options = ocp.AsyncOptions(post_finalization_callback=self._seal) if async_save else None
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, async_options=async_options)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
     return self.manager.latest_step()
 
+  def _seal(self):
+    """Writes the manifest of the step being saved, after its files, before its commit (rename)."""
+    if jax.process_index() != 0 or self._saving is None or paths.is_remote(self.directory):
+      return
+    step_dir = os.path.join(self.directory, str(self._saving))
+    if os.path.isdir(step_dir + _ORBAX_TMP_SUFFIX):  # a local disk: the rename commits the manifest with it
+      step_dir += _ORBAX_TMP_SUFFIX
+    if os.path.isdir(step_dir):
+      write_manifest(step_dir)
+    else:
+      logging.warning("no directory for checkpoint step %s; it gets no manifest", self._saving)
+
+  def _failed(self, e):
+    previous = self.manager.latest_step()
+    kept = f"the previous checkpoint, step {previous}, is kept" if previous is not None else "no checkpoint is kept"
+    return CheckpointError(f"saving checkpoint {os.path.join(self.directory, str(self._saving))} failed "
+                           f"({_cause(e)}); {kept}")
+
   def save(self, step, state, data_state, meta, force=False):
-    """Starts an (async) save; returns at once when async."""
+    """Starts an (async) save; returns at once when async. Raises CheckpointError
+    if this save, or the one before it, fails."""
+    self.wait()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, force=force)
+    self._saving = step
+    try:
+      saved = self.manager.save(step, args=args, force=force)
+      if saved and not self.async_save:
+        self._seal()  # committed already: the manifest follows it
+    except Exception as e:  # noqa: BLE001 - a failed write (full disk, EFBIG, EIO) in any layer
+      raise self._failed(e) from e
+    if not saved:
+      self._saving = None
+    return saved
 
   def read_meta(self, step):
     """The `meta` item of a step, with a one-line error if unreadable."""
@@ -56,21 +184,89 @@ class Checkpointer:
                             "it is truncated or corrupt — remove it to resume from an older one") from e
 
   def restore(self, step, abstract_state):
-    """Restores (state, data_state); `abstract_state` carries the shardings."""
+    """Restores (state, data_state); `abstract_state` carries the shardings.
+
+    A training state saved before the step guard existed (no "guard") gets a
+    fresh one: its statistics start again, nothing else changes.
+    """
     path = os.path.join(self.directory, str(step))
+
+    def load(target):
+      return self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      out = load(abstract_state)
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {path} could not be restored ({type(e).__name__}: {first_line(e)}); "
-                            "it is truncated, corrupt or from another model") from e
+      error = e
+      out = None
+      if isinstance(abstract_state, dict) and "guard" in abstract_state:
+        try:
+          out = load({k: v for k, v in abstract_state.items() if k != "guard"})
+          out["state"]["guard"] = jax.tree.map(
+              lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), abstract_state["guard"])
+          logging.warning("checkpoint %s has no step guard state; starting a fresh one", path)
+        except Exception:  # noqa: BLE001 - report the first failure, the real one
+          out = None
+      if out is None:
+        raise CheckpointError(f"checkpoint {path} could not be restored ({type(error).__name__}: "
+                              f"{first_line(error)}); it is truncated, corrupt or from another model") from error
     return out["state"], out["data"]
 
+  def restore_newest(self, abstract_state, check_meta=None):
+    """Restores the newest intact checkpoint, skipping damaged ones.
+
+    Steps are tried newest first: manifest, meta, then the restore itself. A
+    damaged step is skipped; once one restores, the skipped ones are renamed
+    `<step>.corrupt-<unix time>` (not deleted: for inspection). If none
+    restores, raises a one-line CheckpointError and changes nothing.
+    `check_meta(meta, where)` may raise for a checkpoint of another model: that
+    is not damage, so it stops the search at once.
+
+    Returns:
+      (step, state, data_state, skipped) or None when there is no checkpoint;
+      skipped lists (step directory, where it was moved, why) per damaged step.
+    """
+    bad = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      where = os.path.join(self.directory, str(step))
+      try:
+        verify_manifest(where)
+        meta = self.read_meta(step)
+      except CheckpointError as e:
+        bad.append((where, str(e)))
+        continue
+      if check_meta is not None:
+        check_meta(meta, where)
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except CheckpointError as e:
+        bad.append((where, str(e)))
+        continue
+      skipped = []
+      for path, reason in bad:
+        aside = f"{path}.corrupt-{int(time.time())}"
+        if jax.process_index() == 0:
+          paths.as_path(path).rename(aside)
+        skipped.append((path, aside, reason))
+      if skipped:
+        self.manager.reload()  # forget the renamed steps: saves resume after `step`
+      return step, state, data_state, skipped
+    if bad:
+      raise CheckpointError(f"none of the {len(bad)} checkpoints in {self.directory} is intact (newest: "
+                            f"{bad[0][1]}); nothing was changed")
+    return None
+
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._failed(e) from e
+    self._saving = None
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
@@ -113,7 +309,7 @@ def first_line(e):
 # Parameters only: stage hand-off (init_from), generation, export.
 #
 # Two layouts hold parameters: a training checkpoint's `state` item
-# ({"step", "params", "opt_state"}, parameters as nnx.State, whose leaves are
+# ({"step", "params", "opt_state", "guard"}, parameters as nnx.State, whose leaves are
 # saved as {"value": array}) and a params checkpoint's `params` item (a pure
 # dict, written by the Hugging Face import). `restore_params` reads either.
 
@@ -171,13 +367,14 @@ def model_from_params(params, model_cfg):
 def resolve_step_dir(path, step=None):
   """(checkpoint directory, step) for a params checkpoint, a training
   workdir, its checkpoints/ directory, or one step directory of either."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
+  path = paths.as_path(path)  # local or gs://
+  if not path.is_dir():
     raise CheckpointError(f"checkpoint not found: {path} is not a directory")
-  if os.path.isdir(os.path.join(path, "checkpoints")):  # a training workdir
-    path = os.path.join(path, "checkpoints")
-  elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "meta")):  # one step
-    path, step = os.path.dirname(path), int(os.path.basename(path)) if step is None else step
+  if (path / "checkpoints").is_dir():  # a training workdir
+    path = path / "checkpoints"
+  elif path.name.isdigit() and (path / "meta").is_dir():  # one step
+    path, step = path.parent, int(path.name) if step is None else step
+  path = str(path)
   steps = ocp.CheckpointManager(path).all_steps()
   if not steps:
     raise CheckpointError(f"{path} holds no complete checkpoint")
@@ -212,7 +409,8 @@ def restore_params(path, mesh=None, rules=None, step=None):
   """
   directory, step = resolve_step_dir(path, step)
   where = os.path.join(directory, str(step))
-  item = "params" if os.path.isdir(os.path.join(where, "params")) else "state"
+  verify_manifest(where)  # a flipped byte would otherwise load silently
+  item = "params" if (paths.as_path(where) / "params").is_dir() else "state"
   handlers = {"params": ocp.PyTreeCheckpointHandler(), "state": ocp.PyTreeCheckpointHandler(),
               "meta": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
@@ -223,7 +421,7 @@ def restore_params(path, mesh=None, rules=None, step=None):
       raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from None
     model_cfg = _model_config_from_meta(meta.get("model", {}), where)
     tree = getattr(tree, "tree", tree)
-    if item == "state":  # training: {"step", "params", "opt_state"}; params are nnx.State
+    if item == "state":  # training: {"step", "params", "opt_state", "guard"}; params are nnx.State
       if not isinstance(tree, dict) or "params" not in tree:
         raise CheckpointError(f"checkpoint {where} has no params in its state item")
       tree = tree["params"]
@@ -280,7 +478,7 @@ def _with_base(adapters, model_cfg, base_from, where, mesh, rules):
   qlora the base is returned as the quantized-then-dequantized weights the
   adapters were trained against, with the config's method set to lora.
   """
-  if not os.path.isdir(base_from):
+  if not paths.as_path(base_from).is_dir():
     raise CheckpointError(f"checkpoint {where} holds only adapters; its base checkpoint {base_from} "
                           "(config.init_from) is missing")
   base, base_cfg, _ = restore_params(base_from, mesh, rules)

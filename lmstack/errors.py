@@ -21,3 +21,15 @@ class DataError(LmstackError):
 
 class CheckpointError(LmstackError):
   """A checkpoint is missing, corrupt or does not match the model."""
+
+
+class TrainingError(LmstackError):
+  """Training cannot go on: e.g. too many steps in a row were skipped as non-finite or spiking."""
+
+
+def show(value, limit=80):
+  """`repr(value)` for a one-line message: a config section as a dict, cut at `limit` characters."""
+  if hasattr(value, "to_dict"):  # a ConfigDict's repr is multi-line YAML
+    value = value.to_dict()
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."

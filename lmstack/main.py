@@ -6,20 +6,26 @@
 The config file is an ml_collections `get_config(arg)`, locked so that a
 mistyped field (`--config.train.setps=1`) is an error, not a silent no-op.
 User errors (a bad flag, a bad config value, LmstackError) print one line
-and exit with status 1.
+and exit with status 1. On a TPU pod, a multi-slice job or another cluster,
+`--distributed=auto` (the default) starts JAX's distributed runtime first
+(lmstack/distributed.py); every host runs this same command.
 """
 
-import logging
 import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from lmstack import console
 from lmstack.errors import LmstackError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (local or gs://).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed.initialize(): auto = when the environment names a cluster "
+                                 "(Cloud TPU VM, MEGASCALE_*, TPU_WORKER_HOSTNAMES, SLURM, Open MPI, "
+                                 "JAX_COORDINATOR_ADDRESS).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,11 +53,18 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:  # keep the console to progress lines
-    for name in ("absl", "jax", "orbax"):
-      logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
-  from lmstack.train import trainer  # heavy imports after flag parsing, so --help is fast
+  console.quiet_logging()
+  from lmstack import distributed  # heavy imports after flag parsing, so --help is fast
+  from lmstack.train import trainer
+  try:
+    reason = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
+  except LmstackError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if reason:
+    import jax
+    print(f"distributed: process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} of "
+          f"{jax.device_count()} devices ({reason})", flush=True)
   try:
     config = _CONFIG.value
     config.keys()  # config_flags loads the file lazily: force it here

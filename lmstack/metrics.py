@@ -2,12 +2,13 @@
 
 Only process 0 writes (`jax.process_index() == 0`), so a multi-host run has
 one set of files. `metrics.jsonl` has one JSON object per logged step (and per
-evaluation), which `tools/plot.py` turns into PNG curves.
+evaluation), which `tools/plot.py` turns into PNG curves. The workdir may be a
+gs:// path (lmstack/paths.py): the JSONL file is then rewritten every 30 s,
+and tensorboardX writes its events with google-cloud-storage (the `tpu` extra).
 """
 
 import json
 import math
-import os
 import sys
 import time
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lmstack import sharding
+from lmstack import paths, sharding
 
 
 def _fmt_time(seconds):
@@ -28,18 +29,19 @@ def _fmt_time(seconds):
 class MetricWriter:
   """Writes scalars to the console, `workdir/metrics.jsonl` and TensorBoard."""
 
-  def __init__(self, workdir, total_steps, tensorboard=True, stream=sys.stdout):
+  def __init__(self, workdir, total_steps, tensorboard=True, stream=None):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
-    self.stream = stream
+    self.stream = sys.stdout if stream is None else stream  # looked up now, so a redirect (or pytest) sees it
     self.jsonl = self.tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    workdir = paths.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.jsonl = paths.AppendFile(workdir / "metrics.jsonl")
     if tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self.tb = SummaryWriter(str(workdir / "tb"))
 
   def write(self, step, scalars, prefix=""):
     if not self.enabled:
@@ -77,8 +79,9 @@ class MetricWriter:
 
 
 def measure_peak_flops(n=2048, dtype=jnp.bfloat16, repeats=5):
-  """This machine's matmul FLOP/s: bf16 inputs, f32 accumulation, all devices."""
-  devices = jax.devices()
+  """The run's matmul FLOP/s: bf16 inputs, f32 accumulation, measured on this
+  host's devices (no cross-host traffic) and scaled by the number of hosts."""
+  devices = jax.local_devices()
   mesh = sharding.make_mesh((len(devices), 1, 1), devices)
   spec = NamedSharding(mesh, P("data"))
   # Random operands: constants would let XLA fold or skip work.
@@ -91,4 +94,4 @@ def measure_peak_flops(n=2048, dtype=jnp.bfloat16, repeats=5):
     t0 = time.perf_counter()
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2 * len(devices) * n ** 3 / best
+  return 2 * len(devices) * n ** 3 / best * jax.process_count()

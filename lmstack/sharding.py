@@ -44,23 +44,58 @@ RULES = {
 }
 
 
-def make_mesh(shape, devices=None):
-  """A mesh over (data, fsdp, tensor); one -1 entry takes the rest."""
-  devices = list(jax.devices() if devices is None else devices)
+def _resolve(shape, n, what):
+  """`shape` with its -1 (at most one) set so that the product is n."""
   shape = list(shape)
   if len(shape) != len(MESH_AXES):
-    raise ConfigError(f"mesh.shape={tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    raise ConfigError(f"{what}={tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
   if shape.count(-1) > 1:
-    raise ConfigError(f"mesh.shape={tuple(shape)} may hold at most one -1")
+    raise ConfigError(f"{what}={tuple(shape)} may hold at most one -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if known <= 0 or len(devices) % known:
-      raise ConfigError(f"mesh.shape={tuple(shape)} does not divide the {len(devices)} devices")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ConfigError(f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
-                      f"found {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    if known <= 0 or n % known:
+      raise ConfigError(f"{what}={tuple(shape)} does not divide the {n} devices")
+    shape[shape.index(-1)] = n // known
+  return shape
+
+
+def device_grid(shape, devices, dcn_shape=None):
+  """The devices as an array of the mesh's shape.
+
+  Without `dcn_shape`, `shape` covers all `devices` in their order. With it,
+  `shape` is the mesh within one slice (ICI; -1 takes the rest of a slice) and
+  `dcn_shape` the slices' arrangement (DCN; -1 takes the rest of the slices,
+  which devices tell by their `slice_index`); axis sizes multiply, so
+  `dcn_shape=(-1, 1, 1)` runs data parallelism across slices, the one kind the
+  data-centre network is fast enough for.
+  """
+  devices = list(devices)
+  if dcn_shape is None:
+    shape = _resolve(shape, len(devices), "mesh.shape")
+    if math.prod(shape) != len(devices):
+      raise ConfigError(f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, found {len(devices)}")
+    return np.asarray(devices).reshape(shape)
+  slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+  dcn = _resolve(dcn_shape, len(slices), "mesh.dcn_shape")
+  if math.prod(dcn) != len(slices):
+    raise ConfigError(f"mesh.dcn_shape={tuple(dcn_shape)} needs {math.prod(dcn)} slices, the devices are in "
+                      f"{len(slices)}")
+  if len(slices) == 1:
+    return device_grid(shape, devices)
+  per_slice = len(devices) // len(slices)
+  ici = _resolve(shape, per_slice, "mesh.shape")
+  if math.prod(ici) != per_slice or any(sum(getattr(d, "slice_index", 0) == s for d in devices) != per_slice
+                                        for s in slices):
+    raise ConfigError(f"mesh.shape={tuple(shape)} is the mesh of one slice; it needs {math.prod(ici)} devices in "
+                      f"each of the {len(slices)} slices")
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+
+
+def make_mesh(shape, devices=None, dcn_shape=None):
+  """A mesh over (data, fsdp, tensor); one -1 entry takes the rest (see `device_grid`)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(device_grid(shape, devices, dcn_shape), MESH_AXES)
 
 
 def resolve_rules(rules):

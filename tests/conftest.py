@@ -16,3 +16,14 @@ import pytest  # noqa: E402
 def tiny_cfg():
   from lmstack.model.transformer import PRESETS
   return PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+  """A workdir of configs/pretrain.py:runlocal (4 steps), trained once per session: the checkpoint the
+  fine-tuning, alignment and annealing tests start from (init_from). Read it; never train in it."""
+  from configs import pretrain
+  from lmstack.train import trainer
+  workdir = str(tmp_path_factory.mktemp("base"))
+  trainer.run(pretrain.get_config("runlocal"), workdir)
+  return workdir

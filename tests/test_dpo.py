@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -325,13 +324,6 @@ def test_training_raises_held_out_reward_accuracy(tmp_path):
 
 # ---------------------------------------------------------------------------
 # Resume: the reference stays the starting model
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("base"))
-  trainer.run(pretrain.get_config("runlocal"), workdir)
-  return workdir
 
 
 def _main(workdir, arg, *flags, env=None):

@@ -83,6 +83,7 @@ def _inputs(cfg, b=2, t=12, seed=0):
 
 @pytest.mark.parametrize("variant", [dict(), dict(tie_embeddings=True), dict(qkv_bias=True), dict(sliding_window=3),
                                      dict(attention_block=4), dict(attention_block=4, sliding_window=3),
+                                     dict(attention_impl="xla"), dict(attention_impl="xla", n_kv_heads=4),
                                      dict(rope_scaling="linear", rope_scaling_factor=4.0),
                                      dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=64,
                                           rope_theta=500.0)])

@@ -51,6 +51,14 @@ def test_methods_that_start_at_the_base_model(base, method):
   np.testing.assert_array_equal(_with_base(cfg, params)(tokens), model(tokens))
 
 
+def test_lora_on_the_embedding_starts_at_the_base_model(base):
+  model, params, tokens = base
+  cfg = dataclasses.replace(BASE, peft=peft.PeftConfig(method="lora", embed=True))
+  adapted = _with_base(cfg, params)
+  assert float(jnp.abs(adapted.embed_lora_b[...]).max()) > 0  # B random, A zero
+  np.testing.assert_array_equal(adapted(tokens), model(tokens))
+
+
 def test_qlora_starts_at_the_dequantized_base(base):
   _, params, tokens = base
   cfg = dataclasses.replace(BASE, peft=peft.PeftConfig(method="qlora"))
@@ -74,6 +82,7 @@ def test_quantization_error_is_bounded_by_the_level_spacing(kind, bound):
 
 @pytest.mark.parametrize("method,extra", [(m, {}) for m in METHODS] + [("prefix", {"prefix_hidden": 32}),
                                                                        ("lora", {"targets": "attn/.*"}),
+                                                                       ("lora", {"embed": True}),
                                                                        ("llama_adapter", {"adapter_layers": 1})])
 def test_trainable_count_is_the_closed_form(method, extra):
   cfg = dataclasses.replace(BASE, peft=peft.PeftConfig(method=method, **extra))
@@ -83,6 +92,8 @@ def test_trainable_count_is_the_closed_form(method, extra):
       ("lora", ()): L * r * ((d + d) + 2 * (d + kvd) + (d + d) + 2 * (d + f) + (f + d)) + r * (d + BASE.vocab_size),
       ("qlora", ()): L * r * ((d + d) + 2 * (d + kvd) + (d + d) + 2 * (d + f) + (f + d)) + r * (d + BASE.vocab_size),
       ("lora", ("targets",)): L * r * ((d + d) + 2 * (d + kvd) + (d + d)),
+      ("lora", ("embed",)): L * r * ((d + d) + 2 * (d + kvd) + (d + d) + 2 * (d + f) + (f + d))
+                            + 2 * r * (d + BASE.vocab_size),
       ("prompt", ()): p * d,
       ("prefix", ()): L * 2 * p * kvd,
       ("prefix", ("prefix_hidden",)): p * d + d * 32 + 32 + 32 * L * 2 * kvd + L * 2 * kvd,
@@ -136,16 +147,17 @@ def test_prefix_keys_are_seen_by_every_query():
 
 def test_merged_lora_computes_the_unmerged_model(base):
   _, params, tokens = base
-  cfg = dataclasses.replace(BASE, peft=peft.PeftConfig(method="lora", rank=4, rslora=True))
+  cfg = dataclasses.replace(BASE, peft=peft.PeftConfig(method="lora", rank=4, rslora=True, embed=True))
   model = _with_base(cfg, params)
   pure = _params(model)
-  for path, v in ckpt_lib.flatten_tree(pure).items():  # non-zero B, as after training
-    if path[-1].endswith("_lora_b"):
+  for path, v in ckpt_lib.flatten_tree(pure).items():  # non-zero B (the embedding's A), as after training
+    if path[-1].endswith("_lora_b") or path[-1] == "embed_lora_a":
       ckpt_lib.tree_set(pure, path, 0.05 * jax.random.normal(jax.random.key(len(path[-1])), v.shape))
   assert "unembed_lora_b" in pure  # the output projection is adapted too
   nnx.update(model, nnx.State(pure))
   merged, merged_cfg = peft.merge_lora(pure, cfg)
   assert merged_cfg.peft.method == "none" and "q_lora_a" not in merged["blocks"]["attn"]
+  assert "embed_lora_a" not in merged
   plain = Transformer(merged_cfg, nnx.Rngs(0))
   nnx.update(plain, nnx.State(merged))
   assert float(jnp.abs(model(tokens) - _with_base(cfg, params)(tokens)).max()) > 1e-3  # B matters

@@ -120,13 +120,6 @@ def test_train_split_resumes_exactly(tok):
 # Runs: pre-train -> fine-tune with each method, merge, resume, bad hand-offs.
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("base"))
-  trainer.run(pretrain.get_config("runlocal"), workdir)
-  return workdir
-
-
 def _run(workdir, config_arg, *flags, env=None, config="configs/sft.py"):
   cmd = [sys.executable, "-m", "lmstack.main", f"--config={config}:{config_arg}", f"--workdir={workdir}", *flags]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})},

@@ -205,6 +205,7 @@ def compile_step(config, slice_name, num_slices=1, compile_anyway=False):
   from lmstack import sharding
   from lmstack.model import peft as peft_lib
   from lmstack.train import losses, optim, trainer
+  from lmstack.train import step as step_lib
   from lmstack.train.state import init_sharded, jit_train_step, with_shardings
 
   devices, topology = tpu_devices(slice_name, num_slices)
@@ -228,7 +229,8 @@ def compile_step(config, slice_name, num_slices=1, compile_anyway=False):
     trainable = peft_lib.trainable_pattern(model_cfg.peft.method)
   m = init_sharded(model_cfg, trainable, tx, mesh, rules, config.seed)
   data_sh = sharding.batch_sharding(mesh, rules)
-  step = jit_train_step(m, losses.make_loss(config), tx, schedule, t.grad_accum_steps, data_sh, config.seed)
+  step = jit_train_step(m, losses.make_loss(config), tx, schedule, t.grad_accum_steps, data_sh, config.seed,
+                        step_lib.Guard.from_config(t))
   args = (with_shardings(m.abstract_state, m.state_sh), with_shardings(m.abstract_frozen, m.frozen_sh),
           batch_spec(config, t.batch_size, t.seq_len, data_sh))
 

@@ -74,6 +74,22 @@ from lmstack.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 
+
+def check_messages(messages, where: str, field: str):
+  """DataError naming `where` unless `messages` is a non-empty list of
+  {"role": str, "content": str} dicts (a chat as a data record holds it).
+
+  Whether the roles are ones the template knows is checked when it renders.
+  """
+  if not isinstance(messages, list) or not messages:
+    raise DataError(f"{where}: field {field!r} must be a non-empty list of messages, got "
+                    f"{type(messages).__name__}")
+  for i, m in enumerate(messages):
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+      raise DataError(f"{where}: field {field!r}: message {i} is not a {{\"role\": str, \"content\": str}} dict: "
+                      f"{_one_line(repr(m))[:80]}")
+
+
 # ChatML (as in Qwen and SmolLM): every message is
 # <|im_start|>{role}\n{content}<|im_end|>\n, the generation prompt opens an
 # assistant turn. No bos: the caller adds one if the model wants it.

@@ -48,7 +48,7 @@ import numpy as np
 
 from lmstack.data import pipeline, sources
 from lmstack.data.tokenizer import AnyTokenizer, load_tokenizer
-from lmstack.errors import ConfigError, DataError
+from lmstack.errors import ConfigError, DataError, show
 
 FORMATS = ("text", "jsonl", "wordnet")
 _POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
@@ -209,9 +209,17 @@ def source_weights(data_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     raise ConfigError("data.kind='mixture' needs data.sources (see configs/common.py: mixture_data)")
   weights = {}
   for name, src in srcs.items():
-    w = float(src.get("weight", 0.0))
-    if w < 0 or not np.isfinite(w):
-      raise ConfigError(f"data.sources.{name}.weight={w} must be a finite number >= 0")
+    if not hasattr(src, "get"):
+      raise ConfigError(f"data.sources.{name}={show(src)}; expected a section with weight, format, train_files, ...")
+    w = src.get("weight", 0.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 or not np.isfinite(w):
+      raise ConfigError(f"data.sources.{name}.weight={show(w)} must be a finite number >= 0")
+    for key, default in (("format", None), ("train_files", None), ("eval_files", ""), ("jsonl_field", "text")):
+      if not isinstance(src.get(key, default), str):
+        raise ConfigError(f"data.sources.{name}.{key}={show(src.get(key))}; expected a string")
+    cap = src.get("max_eval_docs", 0)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+      raise ConfigError(f"data.sources.{name}.max_eval_docs={show(cap)}; expected an integer >= 0 (0: all)")
     if w > 0:
       weights[name] = w
   if not weights:
@@ -256,8 +264,11 @@ def make_mixture_dataset(
     tokenizer = load_tokenizer(data_cfg.tokenizer)
   if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
     raise DataError(f"data.tokenizer {data_cfg.get('tokenizer', '')!r} has no bos or eos piece")
-  holdout = int(data_cfg.get("holdout_every", 20))
-  chunk = int(data_cfg.get("chunk_chars", sources.MAX_DOC_CHARS))
+  holdout = data_cfg.get("holdout_every", 20)
+  chunk = data_cfg.get("chunk_chars", sources.MAX_DOC_CHARS)
+  for name, value in (("holdout_every", holdout), ("chunk_chars", chunk)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"data.{name}={show(value)}; expected an integer >= 1")
   parents = []
   for index, name in enumerate(data_cfg.sources):
     if name not in weights:
@@ -265,6 +276,7 @@ def make_mixture_dataset(
     docs = source_documents(data_cfg.sources[name], split, holdout, chunk)[shard_index::shard_count]
     if not docs:
       raise DataError(f"data.sources.{name}: no {split} document for shard {shard_index} of {shard_count}")
+    pipeline.check_some_tokens(docs, pipeline.Tokenize(tokenizer), f"data.sources.{name} ({split} split)")
     source_seed = int(np.random.SeedSequence([int(seed) % 2**32, index]).generate_state(1)[0])
     parents.append(_packed_rows(docs, tokenizer, seq_len, batch_size, source_seed, split))
   ds = _MixIterDataset(parents, list(weights.values()), finite=split != "train")

@@ -115,6 +115,19 @@ class Pieces(grain.experimental.FlatMapTransform):
     return pieces
 
 
+def check_some_tokens(docs, tokenize, what: str):
+  """DataError unless some document of `docs` has a token: a repeating split
+  of documents that all tokenize to nothing would never fill a row."""
+  if not any(len(tokenize(docs[i])) for i in range(len(docs))):  # stops at the first
+    raise DataError(f"empty corpus: no document of {what} has a token")
+
+
+def _where(data_cfg, split: str) -> str:
+  if data_cfg.format == "tfds":
+    return f"tfds {data_cfg.tfds_name}"
+  return data_cfg.train_files if split == "train" else data_cfg.eval_files
+
+
 def _rename_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   # The packer gives segment ids and positions per feature; inputs and
   # targets are packed identically, so one copy is enough.
@@ -193,10 +206,12 @@ def make_lm_dataset(
         f"empty corpus: shard {shard_index} of {shard_count} has no document"
         f" ({num_docs} documents in the {split} split)"
     )
+  tokenize = Tokenize(tokenizer)
+  check_some_tokens(ds, tokenize, f"the {split} split ({_where(data_cfg, split)})")
   if split == "train":
     # shuffle-then-repeat reshuffles every epoch (seed + epoch).
     ds = ds.shuffle(seed=int(seed) % 2**32).repeat()
-  ds = ds.map(Tokenize(tokenizer))
+  ds = ds.map(tokenize)
   it_ds = ds.to_iter_dataset(
       grain.ReadOptions(
           num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER

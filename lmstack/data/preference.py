@@ -52,9 +52,9 @@ import grain
 import numpy as np
 
 from lmstack.data import sft, sources
-from lmstack.data.chat import ChatTemplate
+from lmstack.data.chat import ChatTemplate, check_messages
 from lmstack.data.pipeline import _ThreadPrefetch, _check_split
-from lmstack.errors import ConfigError, DataError
+from lmstack.errors import ConfigError, DataError, show
 
 FORMATS = ("jsonl", "wordnet_pairs", "humaneval_pairs")
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -177,6 +177,7 @@ def _as_messages(value, where, field):
       or value[-1].get("role") != "assistant"):
     raise DataError(f"{where}: field {field!r} must be a string or a list of messages ending with an assistant "
                     "turn")
+  check_messages(value, where, field)
   return value
 
 
@@ -187,16 +188,17 @@ def jsonl_pairs(paths, prompt_field="prompt", chosen_field="chosen", rejected_fi
   for where, record in sources.jsonl_records(files):
     missing = [f for f in (chosen_field, rejected_field) if f not in record]
     if missing:
-      raise DataError(f"{where}: no field {missing[0]!r} (fields: {', '.join(record)}); set "
+      raise DataError(f"{where}: no field {missing[0]!r} (fields: {sources.field_names(record)}); set "
                       "data.prompt_field / data.chosen_field / data.rejected_field")
     prompt, chosen, rejected = record.get(prompt_field), record[chosen_field], record[rejected_field]
     if prompt is None and isinstance(chosen, str):
-      raise DataError(f"{where}: no field {prompt_field!r} (fields: {', '.join(record)}); set data.prompt_field")
+      raise DataError(f"{where}: no field {prompt_field!r} (fields: {sources.field_names(record)}); "
+                      "set data.prompt_field")
     if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
       empty = chosen_field if not chosen.strip() else rejected_field if not rejected.strip() else None
       if empty:
         raise DataError(f"{where}: field {empty!r} is empty")
-      out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+      out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": where})
       continue
     if prompt is None:
       prompt = []
@@ -204,8 +206,10 @@ def jsonl_pairs(paths, prompt_field="prompt", chosen_field="chosen", rejected_fi
       prompt = [{"role": "user", "content": prompt}]
     elif not isinstance(prompt, list):
       raise DataError(f"{where}: field {prompt_field!r} must be a string or a list of messages")
+    elif prompt:
+      check_messages(prompt, where, prompt_field)
     out.append({"chosen": prompt + _as_messages(chosen, where, chosen_field),
-                "rejected": prompt + _as_messages(rejected, where, rejected_field)})
+                "rejected": prompt + _as_messages(rejected, where, rejected_field), "where": where})
   if not out:
     raise DataError(f"no preference pairs in {', '.join(files)}")
   return tuple(out)
@@ -214,9 +218,9 @@ def jsonl_pairs(paths, prompt_field="prompt", chosen_field="chosen", rejected_fi
 def pairs(data_cfg, split):
   """The pairs of one split, in a fixed order (their index is their place)."""
   _check_split(split)
-  fmt, k = data_cfg.format, int(data_cfg.get("pairs_per_prompt", 1))
-  if k < 1:
-    raise ConfigError(f"config.data.pairs_per_prompt={k} must be >= 1")
+  fmt, k = data_cfg.format, data_cfg.get("pairs_per_prompt", 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"config.data.pairs_per_prompt={show(k)} must be an integer >= 1")
   if fmt == "wordnet_pairs":
     return wordnet_pairs(split, k, data_cfg.get("rejected_pos", "other"))
   if fmt == "humaneval_pairs":
@@ -268,7 +272,12 @@ class EncodePair:
     out = {k: np.zeros((2, t), np.int32) for k in FEATURES}
     rows = []
     for r, which in enumerate(("chosen", "rejected")):
-      ids, mask = self.row(pair, which)
+      try:
+        ids, mask = self.row(pair, which)
+      except DataError as e:  # e.g. a chat the template refuses: name the record
+        if "where" not in pair:
+          raise
+        raise DataError(f"{pair['where']}: {e}") from None
       ids, mask = ids[:t + 1], mask[:t + 1]
       if len(ids) < 2 or not mask[1:].any():
         return None
@@ -306,8 +315,8 @@ def make_preference_dataset(data_cfg, tokenizer, *, seq_len, batch_size, seed, s
     raise DataError(f"preference shard {shard_index} of {shard_count} has no pair ({len(data)} in the {split} split)")
   encode = EncodePair(tokenizer, seq_len, data_cfg.get("separator", "\n"))
   if not any(encode(ds[i]) is not None for i in range(len(ds))):  # stops at the first pair that fits
-    raise DataError(f"no pair of the {split} split keeps a response token of both rows within "
-                    f"seq_len={seq_len} (config.train.seq_len)")
+    raise DataError(f"{sft.split_source(data_cfg, split)}: no pair of the {split} split keeps a response token "
+                    f"of both rows within seq_len={seq_len} (config.train.seq_len) with chosen != rejected")
   if split == "train":
     ds = ds.shuffle(seed=int(seed) % 2**32).repeat()
   ds = ds.map(encode).filter(lambda x: x is not None)

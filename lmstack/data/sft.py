@@ -32,7 +32,7 @@ import grain
 import numpy as np
 
 from lmstack.data import sources
-from lmstack.data.chat import ChatTemplate
+from lmstack.data.chat import ChatTemplate, check_messages
 from lmstack.data.pipeline import PadBatch, _ThreadPrefetch, _check_split
 from lmstack.errors import ConfigError, DataError
 
@@ -72,22 +72,29 @@ def jsonl_examples(paths, prompt_field="prompt", response_field="response", mess
   out = []
   for where, record in sources.jsonl_records(files):
     if messages_field:
-      messages = record.get(messages_field)
-      if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field {messages_field!r} must be a non-empty list of messages "
-                        f"(fields: {', '.join(record)})")
-      out.append({"messages": messages})
+      if messages_field not in record:
+        raise DataError(f"{where}: no field {messages_field!r} (fields: {sources.field_names(record)}); "
+                        "set data.messages_field")
+      check_messages(record[messages_field], where, messages_field)
+      out.append({"messages": record[messages_field], "where": where})
       continue
     for field in (prompt_field, response_field):
       if not isinstance(record.get(field), str):
         raise DataError(f"{where}: expected string fields {prompt_field!r} and {response_field!r} "
-                        f"(fields: {', '.join(record)}); set data.prompt_field / data.response_field")
+                        f"(fields: {sources.field_names(record)}); set data.prompt_field / data.response_field")
     if not record[response_field].strip():
       raise DataError(f"{where}: field {response_field!r} is empty")
-    out.append({"prompt": record[prompt_field], "response": record[response_field]})
+    out.append({"prompt": record[prompt_field], "response": record[response_field], "where": where})
   if not out:
     raise DataError(f"no examples in {', '.join(files)}")
   return out
+
+
+def split_source(data_cfg, split):
+  """The files of a split (`format=jsonl`), or the built-in set's name: for messages."""
+  if data_cfg.format != "jsonl":
+    return f"data.format={data_cfg.format}"
+  return data_cfg.train_files if split == "train" else data_cfg.eval_files
 
 
 def examples(data_cfg, split):
@@ -126,7 +133,12 @@ class Encode:
     return ids, np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)])
 
   def __call__(self, example):
-    ids, mask = self.encode(example)
+    try:
+      ids, mask = self.encode(example)
+    except DataError as e:  # e.g. a chat the template refuses: name the record
+      if "where" not in example:
+        raise
+      raise DataError(f"{example['where']}: {e}") from None
     ids, mask = ids[:self.seq_len + 1], mask[:self.seq_len + 1]
     if len(ids) < 2 or not mask[1:].any():
       return None
@@ -149,9 +161,14 @@ def make_sft_dataset(data_cfg, tokenizer, *, seq_len, batch_size, seed, split="t
   ds = grain.MapDataset.source(data)[shard_index::shard_count]
   if not len(ds):
     raise DataError(f"SFT shard {shard_index} of {shard_count} has no example ({len(data)} in the {split} split)")
+  encode = Encode(tokenizer, seq_len, data_cfg.get("separator", "\n"))
+  if not any(encode(ds[i]) is not None for i in range(len(ds))):  # stops at the first example that fits
+    raise DataError(f"{split_source(data_cfg, split)}: no example of the {split} split has a response token "
+                    f"within its first seq_len={seq_len} tokens (config.train.seq_len): prompts too long, or chats "
+                    "without an assistant turn")
   if split == "train":
     ds = ds.shuffle(seed=int(seed) % 2**32).repeat()
-  ds = ds.map(Encode(tokenizer, seq_len, data_cfg.get("separator", "\n"))).filter(lambda x: x is not None)
+  ds = ds.map(encode).filter(lambda x: x is not None)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
   it = grain.experimental.FirstFitPackIterDataset(it, length_struct={k: seq_len for k in _FEATURES},
                                                   num_packing_bins=batch_size, shuffle_bins=False)

@@ -20,8 +20,9 @@ hosts because nothing is tokenized during training.
 Bad input raises `DataError` with one line naming the file: a path or glob
 that matches nothing, a JSONL line that is not JSON or lacks the field, a
 corpus without a single non-empty document. Invalid UTF-8 is *not* an error:
-bad bytes are replaced with U+FFFD and one warning per file gives the count,
-because one stray byte in a multi-GB crawl should not kill a training run.
+bad bytes (and, in JSONL, escapes of lone surrogates) are replaced with U+FFFD
+and one warning per file gives the count, because one stray byte in a multi-GB
+crawl should not kill a training run.
 """
 
 from collections.abc import Sequence
@@ -47,6 +48,9 @@ MAX_DOC_CHARS = 4096
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SURROGATE_ESCAPES = re.compile("[\udc80-\udcff]")
+# In JSON text: an escaped surrogate (json.loads pairs what it can); in a str: one left unpaired.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 
 PathsArg = str | Sequence[str]
 
@@ -150,36 +154,33 @@ def jsonl_documents(paths: PathsArg, *, field: str = "text") -> list[str]:
   """
   files = expand_paths(paths)
   docs = []
-  for path in files:
-    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or field not in record:
-        keys = ", ".join(record) if isinstance(record, dict) else "none"
-        raise DataError(
-            f"{path}:{lineno}: record has no field {field!r} (fields: {keys});"
-            " set data.jsonl_field"
-        )
-      value = record[field]
-      if not isinstance(value, str):
-        raise DataError(
-            f"{path}:{lineno}: field {field!r} is a {type(value).__name__},"
-            " expected a string"
-        )
-      if value.strip():
-        docs.append(value)
+  for where, record in jsonl_records(files):
+    if field not in record:
+      raise DataError(
+          f"{where}: record has no field {field!r} (fields: {field_names(record)});"
+          " set data.jsonl_field"
+      )
+    value = record[field]
+    if not isinstance(value, str):
+      raise DataError(
+          f"{where}: field {field!r} is a {type(value).__name__},"
+          " expected a string"
+      )
+    if value.strip():
+      docs.append(value)
   return _check_not_empty(docs, files)
 
 
 def jsonl_records(paths: PathsArg):
   """Yields ("file:line", record) for every JSON object of JSONL files (`.gz`
   too), skipping blank lines. A line that is not valid JSON, or not an
-  object, raises DataError naming file:line."""
+  object, raises DataError naming file:line.
+
+  Like invalid UTF-8 (read_text), a lone surrogate escape ("\\ud800", which
+  no tokenizer can encode) becomes U+FFFD, with one warning per file.
+  """
   for path in expand_paths(paths):
+    num_bad = 0
     for lineno, line in enumerate(read_text(path).split("\n"), start=1):
       if not line.strip():
         continue
@@ -188,9 +189,36 @@ def jsonl_records(paths: PathsArg):
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+      except (ValueError, RecursionError) as e:  # a 5,000-digit number; arrays nested 100,000 deep
+        raise DataError(f"{where}: not valid JSON ({_first_line(e)})") from None
       if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+      if _SURROGATE_ESCAPE.search(line):
+        num_bad += _replace_lone_surrogates(record)
       yield where, record
+    if num_bad:
+      logging.warning("%s: %d lone surrogate escapes replaced with U+FFFD", path, num_bad)
+
+
+def field_names(record: dict, limit: int = 200) -> str:
+  """A record's keys for a one-line message: unprintable ones quoted, the list cut at `limit` characters."""
+  text = ", ".join(k if isinstance(k, str) and k.isprintable() else repr(k) for k in record)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _replace_lone_surrogates(record) -> int:
+  """Replaces lone surrogates in the strings of a JSON value, in place; returns how many."""
+  count, stack = 0, [record]
+  while stack:  # not recursive: JSON may nest as deep as the parser allowed
+    node = stack.pop()
+    for key, value in list(node.items() if isinstance(node, dict) else enumerate(node)):
+      if isinstance(value, str):
+        value, n = _LONE_SURROGATES.subn("\ufffd", value)
+        if n:
+          node[key], count = value, count + n
+      elif isinstance(value, (dict, list)):
+        stack.append(value)
+  return count
 
 
 def text_source(

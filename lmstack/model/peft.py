@@ -12,6 +12,8 @@ optimizer state, never written. Methods:
                  not tied) matches `targets` (default: all of them). A is
                  Gaussian with std 1/sqrt(fan_in), B is zero, so training
                  starts at the base model. rsLoRA scales by alpha / sqrt(r).
+                 With `embed`, the input embedding too: E[t] + scale A[t] B,
+                 A [V, r] zero and B Gaussian (an embedding has no fan-in).
   qlora          lora over a base stored quantized (int8 or NF4, absmax
                  scales per block of `quant_block` input rows); each weight is
                  dequantized to the matmul dtype when used.
@@ -82,6 +84,7 @@ class PeftConfig:
   rslora: bool = False
   dropout: float = 0.0  # LoRA dropout on the adapter's input, training only
   targets: str = ".*"  # regex over linear names; "attn/.*" is attention-only
+  embed: bool = False  # lora/qlora: also adapt the input embedding (rows A[token] B)
   quant: str = "nf4"  # qlora: int8 | nf4
   quant_block: int = 64
   num_virtual_tokens: int = 16  # P of prompt, prefix and llama_adapter
@@ -143,6 +146,11 @@ def lora_targets(cfg):
     return []
   regex = re.compile(cfg.peft.targets)
   return [name for name in linear_specs(cfg) if regex.fullmatch(name)]
+
+
+def lora_embed(cfg):
+  """Whether the input embedding gets LoRA (`peft.embed`)."""
+  return cfg.peft.lora and cfg.peft.embed
 
 
 def lora_unembed(cfg):
@@ -292,6 +300,10 @@ def make_model_params(model, cfg, rngs):
     a = jax.random.normal(rngs.params(), (d, p.rank), jnp.float32) / math.sqrt(d)
     model.unembed_lora_a = _param(a, ("embed", None))
     model.unembed_lora_b = _param(jnp.zeros((p.rank, cfg.vocab_size)), (None, "vocab"))
+  if lora_embed(cfg):
+    model.embed_lora_a = _param(jnp.zeros((cfg.vocab_size, p.rank)), ("vocab", None))
+    b = jax.random.normal(rngs.params(), (p.rank, d), jnp.float32) / math.sqrt(p.rank)
+    model.embed_lora_b = _param(b, (None, "embed"))
   if p.method == "prompt":
     model.prompt = _param(std * jax.random.normal(rngs.params(), (n_virtual, d)), (None, "embed"))
   elif p.method == "prefix":
@@ -352,7 +364,8 @@ def num_trainable(cfg):
       shape, _, in_ndim = linear_specs(cfg)[name]
       fan_in, fan_out = _split(shape, in_ndim)
       total += p.rank * (fan_in + fan_out)
-    return L * total + (p.rank * (d + cfg.vocab_size) if lora_unembed(cfg) else 0)
+    total = L * total + (p.rank * (d + cfg.vocab_size) if lora_unembed(cfg) else 0)
+    return total + (p.rank * (cfg.vocab_size + d) if lora_embed(cfg) else 0)
   kv = 2 * cfg.n_kv_heads * cfg.head_dim
   if p.method == "prompt":
     return p.num_virtual_tokens * d
@@ -398,6 +411,10 @@ def merge_lora(params, cfg):
     a, b = out.pop("unembed_lora_a"), out.pop("unembed_lora_b")
     delta = jnp.einsum("dr,rv->dv", a, b, preferred_element_type=jnp.float32) * cfg.peft.scale
     out["unembed"] = (out["unembed"] + delta).astype(out["unembed"].dtype)
+  if "embed_lora_a" in out:
+    a, b = out.pop("embed_lora_a"), out.pop("embed_lora_b")
+    delta = jnp.einsum("vr,rd->vd", a, b, preferred_element_type=jnp.float32) * cfg.peft.scale
+    out["embed"] = (out["embed"] + delta).astype(out["embed"].dtype)
   return out, dataclasses.replace(cfg, peft=PeftConfig())
 
 

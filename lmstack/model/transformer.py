@@ -13,15 +13,18 @@ N query heads, K key/value heads, G query heads per kv head, H head dim,
 F MLP width, V vocabulary, L layers.
 """
 
+from collections.abc import Mapping
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lmstack import sharding
+from lmstack.errors import show
 from lmstack.model import peft as peft_lib
 from lmstack.model.peft import PeftConfig
 
@@ -32,6 +35,27 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# Matmul input dtypes (`ModelConfig.dtype`); accumulation is float32.
+DTYPES = ("bfloat16", "float32", "float16")
+
+_TYPES = {
+    int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+            "a finite number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_types(cls, values, section):
+  """ValueError for the first of `values` (a dict) whose type is not its `cls` field's."""
+  for f in dataclasses.fields(cls):
+    if f.name in values and f.type in _TYPES:
+      ok, expected = _TYPES[f.type]
+      if not ok(values[f.name]):
+        raise ValueError(f"{section}.{f.name}={show(values[f.name])}; expected {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +83,14 @@ class ModelConfig:
   # keys up to its end: skips the masked upper triangle (~40% of the work at
   # 4 blocks) and keeps each block's scores small. 0: one block.
   attention_block: int = 128
+  # The output projection and cross-entropy of training run over blocks of
+  # this many positions (lmstack/train/losses.py), so the float32 logits of
+  # the whole batch never exist at once. 0: one block.
+  loss_block: int = 128
+  # Training attention (no cache, no prefix adapters): "lmstack" (the blocked
+  # einsums above), or jax.nn.dot_product_attention with implementation "xla"
+  # or "cudnn" (fused attention on NVIDIA GPUs).
+  attention_impl: str = "lmstack"
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = "bfloat16"  # matmul input dtype; accumulation is float32
@@ -70,15 +102,41 @@ class ModelConfig:
   peft: PeftConfig = PeftConfig()
 
   def __post_init__(self):
+    # One-line ValueErrors naming the field (a config, a checkpoint's meta or
+    # an imported config.json can hold anything), before any shape is built.
+    check_types(ModelConfig, self.__dict__, "model")
     if not isinstance(self.peft, PeftConfig):  # a dict from JSON or a config section
+      if not isinstance(self.peft, Mapping):
+        raise ValueError(f"model.peft={show(self.peft)}; expected a PeftConfig or a dict of its fields")
+      check_types(PeftConfig, self.peft, "peft")
       object.__setattr__(self, "peft", PeftConfig(**dict(self.peft)))
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "max_seq_len",
+                 "rope_original_max_len"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name}={getattr(self, name)}; expected an integer >= 1")
+    for name in ("head_dim", "sliding_window", "attention_block", "loss_block"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"model.{name}={getattr(self, name)}; expected an integer >= 0")
+    for name in ("rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "norm_eps", "init_std"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"model.{name}={getattr(self, name)}; expected a number > 0")
     if self.head_dim == 0:
+      if self.d_model % self.n_heads:
+        raise ValueError(f"model.d_model={self.d_model} is not a multiple of model.n_heads={self.n_heads}; "
+                         "set model.head_dim")
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                        f"model.n_kv_heads={self.n_kv_heads}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model.dtype={self.dtype!r}; expected one of {', '.join(DTYPES)}")
+    if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+      raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                       f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
     if self.rope_scaling not in ("none", "linear", "llama3"):
       raise ValueError(f"model.rope_scaling={self.rope_scaling!r}; expected none, linear or llama3")
+    if self.attention_impl not in ("lmstack", "xla", "cudnn"):
+      raise ValueError(f"model.attention_impl={self.attention_impl!r}; expected lmstack, xla or cudnn")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r}; expected one of "
                        f"{sorted(REMAT_POLICIES)}")
@@ -308,7 +366,12 @@ class Attention(nnx.Module):
     q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim) / math.sqrt(cfg.head_dim)
     prefix = (extra["k"], extra["v"]) if "k" in extra else None
     blk = cfg.attention_block
-    if kv_cache is not None or not blk or t <= blk or t % blk:
+    if cfg.attention_impl != "lmstack" and kv_cache is None and prefix is None:
+      out_btnh = jax.nn.dot_product_attention(
+          q_btnh.astype(dt), k_bskh.astype(dt), v_bskh.astype(dt), mask=mask[:, :, 0], is_causal=True,
+          implementation=cfg.attention_impl)
+      out_btkgh = out_btnh.astype(jnp.float32).reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim)
+    elif kv_cache is not None or not blk or t <= blk or t % blk:
       out_btkgh = _attend(q_btkgh, k_bskh, v_bskh, mask, dt, prefix)
     else:
       # Without a cache, query i never sees a key after i (causal within a
@@ -436,6 +499,9 @@ class Transformer(nnx.Module):
       mask = attention_mask(positions_bt, cache_pos, window=cfg.sliding_window)
       kv = (cache["k"], cache["v"])
     x_btd = jnp.take(self.embed[...], tokens_bt, axis=0)
+    if peft_lib.lora_embed(cfg):
+      a_btr = jnp.take(self.embed_lora_a[...], tokens_bt, axis=0)
+      x_btd = x_btd + cfg.peft.scale * _matmul("btr,rd->btd", a_btr, self.embed_lora_b[...], cfg.compute_dtype)
     x_btd = sharding.constrain(x_btd, ("batch", "seq", "embed"))
     x_btd, kv = self._run_blocks(x_btd, positions_bt, mask, kv, index, extras, rng)
     h_btd = self.final_norm(x_btd)
@@ -490,15 +556,24 @@ class Transformer(nnx.Module):
       return {"adaption": peft_lib.adaption_per_layer(self, cfg)}
     return None
 
+  def unembedding(self):
+    """The output projection as (weight, einsum from h B T D to logits B T V).
+
+    LoRA on it is folded into the weight (W + scale A B, in float32), so the
+    loss can apply it block by block; gradients reach A and B through the sum.
+    """
+    cfg = self.cfg
+    if cfg.tie_embeddings:
+      return self.embed[...], "btd,vd->btv"
+    w_dv = self.unembed[...]
+    if peft_lib.lora_unembed(cfg):
+      delta_dv = jnp.dot(self.unembed_lora_a[...], self.unembed_lora_b[...], precision=jax.lax.Precision.HIGHEST)
+      w_dv = w_dv + cfg.peft.scale * delta_dv
+    return w_dv, "btd,dv->btv"
+
   def logits(self, h_btd):
-    if self.cfg.tie_embeddings:
-      return _matmul("btd,vd->btv", h_btd, self.embed[...], self.cfg.compute_dtype)
-    dt = self.cfg.compute_dtype
-    logits_btv = _matmul("btd,dv->btv", h_btd, self.unembed[...], dt)
-    if peft_lib.lora_unembed(self.cfg):
-      h_btr = _matmul("btd,dr->btr", h_btd, self.unembed_lora_a[...], dt)
-      logits_btv = logits_btv + self.cfg.peft.scale * _matmul("btr,rv->btv", h_btr, self.unembed_lora_b[...], dt)
-    return logits_btv
+    w, eq = self.unembedding()
+    return _matmul(eq, h_btd, w, self.cfg.compute_dtype)
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, rng=None):
     """Logits B T V (float32); with a cache, (logits, updated cache)."""

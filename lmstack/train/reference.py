@@ -35,9 +35,10 @@ Example: python -m lmstack.main --config=configs/dpo.py:init_from=runs/sft,metho
 """
 
 import hashlib
+import io
+import itertools
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,8 @@ import numpy as np
 from flax import nnx
 
 from lmstack import checkpoint as ckpt_lib
-from lmstack import sharding
+from lmstack import distributed, sharding
+from lmstack import paths as lms_paths
 from lmstack.data import datasets, preference
 from lmstack.errors import ConfigError, DataError
 from lmstack.train import losses
@@ -122,7 +124,7 @@ def make_puts(config, m, params, frozen, put, *, starting_model, fresh, workdir,
   # precomputed: a table per split, row index -> log-probability.
   t = config.train
   suffix = "" if shard["shard_count"] == 1 else f"-{shard['shard_index']}-of-{shard['shard_count']}"
-  paths = {s: os.path.join(workdir, "reference", f"{s}{suffix}.npz") for s in ("train", "eval")}
+  paths = {s: lms_paths.as_path(workdir) / "reference" / f"{s}{suffix}.npz" for s in ("train", "eval")}  # or gs://
   settings = dict(data=config.data.to_dict(), seq_len=t.seq_len, batch_size=batch_size, seed=config.seed,
                   init_from=config.init_from, model=config.model.to_dict(), peft=config.peft.to_dict(),
                   trainable=config.trainable, shard=shard)
@@ -132,9 +134,9 @@ def make_puts(config, m, params, frozen, put, *, starting_model, fresh, workdir,
   n_batches = {"train": t.steps, "eval": t.eval_batches if t.eval_every else 0}
 
   def stored(split):
-    if not os.path.exists(paths[split]):
+    if not paths[split].exists():
       return None
-    with np.load(paths[split]) as f:
+    with paths[split].open("rb") as file, np.load(file) as f:
       n = n_batches[split]
       covered = bool(f["complete"]) if n == 0 else int(f["batches"]) >= n or bool(f["complete"])
       return f["logps"] if str(f["key"]) == key and covered else None
@@ -155,7 +157,7 @@ def make_puts(config, m, params, frozen, put, *, starting_model, fresh, workdir,
       real = batch["loss_mask"].any(-1)
       if np.isnan(rows[real]).any():
         raise DataError(f"reference=precomputed: {paths[split]} lacks rows this batch needs; delete "
-                        f"{os.path.dirname(paths[split])} to recompute it")
+                        f"{paths[split].parent} to recompute it")
       return put({**batch, "ref_logps": np.where(real, rows, 0.0).astype(np.float32)})
     return with_ref
   return lookup("train"), lookup("eval") if "eval" in tables else put
@@ -167,21 +169,21 @@ def _precompute(config, split, n_batches, model, ref_logps, put, data_sh, key, p
   ds = datasets.make_dataset(config.data, tokenizer, seq_len=config.train.seq_len, batch_size=batch_size,
                              seed=config.seed, split=split, **shard)
   it = iter(ds)
-  done, complete = 0, True
-  for batch in it:
-    if n_batches and done >= n_batches:
-      complete = False
-      break
+  done = 0
+  # Every process runs the forward pass equally often (empty batches pad the shorter shards).
+  for batch in distributed.same_count(itertools.islice(it, n_batches or None)):
     out = _local(ref_logps(*model, put(batch)), data_sh)
     real = batch["loss_mask"].any(-1)
     table[batch["index"][real]] = out[real]
-    done += 1
+    done += bool(real.any())
+  complete = split != "train" and (not n_batches or next(it, None) is None)
   if hasattr(it, "close"):
     it.close()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, logps=table, key=np.asarray(key), batches=np.asarray(done),
-           complete=np.asarray(complete and split != "train"))
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.savez(buf, logps=table, key=np.asarray(key), batches=np.asarray(done), complete=np.asarray(complete))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(buf.getvalue())
+  tmp.replace(path)  # atomic on a local disk; an object store writes whole objects anyway
   logging.info("reference=precomputed: %d %s batches -> %s", done, split, path)
   return table

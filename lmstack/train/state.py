@@ -1,10 +1,11 @@
 """The train state and how it is born sharded.
 
-The state is a dict {"step", "params", "opt_state"}: `params` are the
+The state is a dict {"step", "params", "opt_state", "guard"}: `params` are the
 trainable parameters (a `config.trainable` regex over parameter paths picks
 them), and everything else in the model is `frozen` and kept apart, so it gets
 no gradients, no optimizer state and is never donated. Pre-training trains all
-parameters; adapters and DPO's reference model use the split.
+parameters; adapters and DPO's reference model use the split. `guard` holds the
+step's skip counters and running loss statistics (`step.init_guard`).
 """
 
 import dataclasses
@@ -34,7 +35,7 @@ def trainable_filter(pattern):
 class ShardedModel:
   """A model's graph, its state's abstract shapes and shardings, and its init."""
   graphdef: object
-  abstract_state: dict  # {"step", "params", "opt_state"} of ShapeDtypeStructs
+  abstract_state: dict  # {"step", "params", "opt_state", "guard"} of ShapeDtypeStructs
   abstract_frozen: object
   state_sh: dict
   frozen_sh: object
@@ -54,22 +55,27 @@ def init_sharded(model_cfg, trainable, tx, mesh, rules, seed):
   def init():
     model = Transformer(model_cfg, nnx.Rngs(seed))
     _, params, frozen = nnx.split(model, is_trainable, ...)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}, frozen
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "guard": step_lib.init_guard()}, frozen
 
   graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed))), is_trainable, ...)[0]
   abstract_state, abstract_frozen = jax.eval_shape(init)
   replicated = NamedSharding(mesh, P())
   state_sh = {"step": replicated,
               "params": sharding.state_shardings(abstract_state["params"], mesh, rules),
-              "opt_state": sharding.state_shardings(abstract_state["opt_state"], mesh, rules)}
+              "opt_state": sharding.state_shardings(abstract_state["opt_state"], mesh, rules),
+              "guard": jax.tree.map(lambda _: replicated, abstract_state["guard"])}
   frozen_sh = sharding.state_shardings(abstract_frozen, mesh, rules)
   return ShardedModel(graphdef, abstract_state, abstract_frozen, state_sh, frozen_sh, replicated,
                       jax.jit(init, out_shardings=(state_sh, frozen_sh)), trainable)
 
 
-def jit_train_step(m, loss_fn, tx, schedule, accum_steps, data_sh, seed=0):
-  """The train step compiled with explicit shardings and the state donated."""
-  return jax.jit(step_lib.make_train_step(m.graphdef, loss_fn, tx, schedule, accum_steps, seed),
+def jit_train_step(m, loss_fn, tx, schedule, accum_steps, data_sh, seed=0, guard=step_lib.Guard()):
+  """The train step compiled with explicit shardings and the state donated.
+
+  `guard` (`step.Guard.from_config(config.train)`) says which steps skip their update.
+  """
+  return jax.jit(step_lib.make_train_step(m.graphdef, loss_fn, tx, schedule, accum_steps, seed, guard),
                  in_shardings=(m.state_sh, m.frozen_sh, data_sh), out_shardings=(m.state_sh, m.replicated),
                  donate_argnums=0)
 

@@ -10,6 +10,7 @@ data order included.
 """
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -18,20 +19,21 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from lmstack import checkpoint as ckpt_lib
-from lmstack import sharding
+from lmstack import distributed, paths, sharding
 from lmstack.data import datasets, pipeline
 from lmstack.data.tokenizer import load_tokenizer
-from lmstack.errors import CheckpointError, ConfigError, DataError
+from lmstack.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmstack.metrics import MetricWriter, measure_peak_flops
 from lmstack.model import peft as peft_lib
 from lmstack.model.peft import PeftConfig
-from lmstack.model.transformer import ModelConfig, Transformer
-from lmstack.train import losses, optim, reference
-from lmstack.train.state import init_sharded, jit_train_step, trainable_filter, with_shardings
+from lmstack.model.transformer import ModelConfig
+from lmstack.train import config_checks, losses, optim, reference
+from lmstack.train.state import init_sharded, jit_train_step, with_shardings
 from lmstack.train import step as step_lib
 
 
@@ -55,10 +57,16 @@ def model_config(cfg) -> ModelConfig:
 
 
 def validate(config, model_cfg, n_devices):
-  """Checks that cannot wait until the first step fails."""
+  """Checks that cannot wait until the first step fails.
+
+  Field types and ranges (config_checks.FIELDS), the schedule, then what the
+  fields must satisfy together; the mesh against the devices is checked where
+  it is made (sharding.make_mesh), the data where it is read.
+  """
+  del n_devices  # sharding.make_mesh checks the mesh shape against the devices
+  config_checks.check_fields(config)
   t = config.train
-  if t.steps <= 0:
-    raise ConfigError(f"config.train.steps={t.steps} must be positive")
+  optim.make_schedule(config.optim, t.steps)  # the schedule's name, warmup_steps <= steps
   if t.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds config.model.max_seq_len={model_cfg.max_seq_len}")
   if t.batch_size % t.grad_accum_steps:
@@ -66,6 +74,8 @@ def validate(config, model_cfg, n_devices):
                       f"config.train.grad_accum_steps={t.grad_accum_steps}")
   if config.loss not in losses.LOSSES:
     raise ConfigError(f"config.loss={config.loss!r}; expected one of {sorted(losses.LOSSES)}")
+  if config.data.get("kind", "lm") not in datasets.KINDS:
+    raise ConfigError(f"config.data.kind={config.data.kind!r}; expected one of {sorted(datasets.KINDS)}")
   if losses.is_preference(config.loss):
     losses.make_loss(config)  # checks config.dpo
     reference.validate(config, model_cfg)
@@ -81,6 +91,36 @@ def validate(config, model_cfg, n_devices):
 # Tests kill the process at a chosen step (right after that step's checkpoint
 # save has *started*, so the kill may land mid-save) to prove resumption.
 _FAULT_KILL_AT_STEP = int(os.environ.get("LMSTACK_FAULT_KILL_AT_STEP", "0"))
+
+
+def _parse_steps(spec):
+  """"3,5-7" -> {3, 5, 6, 7}."""
+  steps = set()
+  for part in filter(None, spec.replace(" ", "").split(",")):
+    lo, _, hi = part.partition("-")
+    steps.update(range(int(lo), int(hi or lo) + 1))
+  return steps
+
+
+# Fault injection for tests, like the kill above: the steps (1-based, "3,5-7")
+# whose loss, and so gradients, are NaN inside the compiled step, as a bad batch
+# or a numerical blow-up would make them. The step's guard should skip them.
+_FAULT_NAN_STEPS = _parse_steps(os.environ.get("LMSTACK_FAULT_NAN_STEPS", ""))
+
+
+def _with_nan_fault(loss_fn):
+  """`loss_fn` made NaN on batches whose "fault_nan" flag is set."""
+  def loss(model, batch, rng):
+    batch = dict(batch)
+    poisoned = batch.pop("fault_nan").max() > 0
+    loss_sum, weight, metrics = loss_fn(model, batch, rng)
+    return jnp.where(poisoned, jnp.nan, 1.0) * loss_sum, weight, metrics
+  return loss
+
+
+def _nan_fault_flag(batch, poisoned):
+  """A host batch with a "fault_nan" flag shaped like its first field, so it shards as the batch does."""
+  return {**batch, "fault_nan": np.full(np.shape(next(iter(batch.values()))), float(poisoned), np.float32)}
 
 
 class _Preemption:
@@ -158,9 +198,8 @@ def _load_init_from(path, model_cfg, tokenizer, m, state, frozen, fresh, mesh, r
 def evaluate(eval_step, params, frozen, eval_ds, put, max_batches):
   """(mean held-out loss, {metric: mean}) over up to `max_batches` batches (0: the whole split)."""
   loss_sum, weight, sums = 0.0, 0.0, {}
-  for i, batch in enumerate(eval_ds):
-    if max_batches and i >= max_batches:
-      break
+  # Every process must run the step equally often: pad the shorter shards with empty batches.
+  for batch in distributed.same_count(itertools.islice(eval_ds, max_batches or None)):
     ls, w, metrics = jax.device_get(eval_step(params, frozen, put(batch)))
     loss_sum, weight = loss_sum + float(ls), weight + float(w)
     for k, v in metrics.items():
@@ -175,7 +214,7 @@ def run(config, workdir):
   model_cfg = model_config(config)
   validate(config, model_cfg, jax.device_count())
   t = config.train
-  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  mesh = sharding.make_mesh(tuple(config.mesh.shape), dcn_shape=tuple(config.mesh.get("dcn_shape", (1, 1, 1))))
   rules = sharding.resolve_rules(config.mesh.rules)
   batch_axes = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
   if (t.batch_size // t.grad_accum_steps) % batch_axes:
@@ -186,7 +225,8 @@ def run(config, workdir):
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise DataError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} pieces but "
                     f"config.model.vocab_size={model_cfg.vocab_size}; its ids would index past the embedding")
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.as_path(workdir)  # local or gs://, one API (etils.epath)
+  workdir.mkdir(parents=True, exist_ok=True)
   writer = MetricWriter(workdir, t.steps, tensorboard=t.tensorboard)
 
   # ---- Model: born sharded from an abstract shape ----
@@ -215,7 +255,7 @@ def run(config, workdir):
     return {k: jax.make_array_from_process_local_data(data_sh, np.asarray(v)) for k, v in batch.items()}
 
   # ---- Init or resume ----
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
                                async_save=t.async_checkpoint)
   meta = ckpt_lib.make_meta(config, dataclasses.asdict(model_cfg), tokenizer.to_bytes())
   latest = ckpt.latest_step()
@@ -230,13 +270,15 @@ def run(config, workdir):
   elif model_cfg.peft.method != "none":
     writer.info(f"warning: a {model_cfg.peft.method} run without init_from trains adapters on a random base")
   if latest is not None:
-    where = os.path.join(ckpt.directory, str(latest))
-    ckpt_lib.check_compatible(ckpt.read_meta(latest), dataclasses.asdict(model_cfg), tokenizer.to_bytes(), where)
     abstract_state = with_shardings(m.abstract_state, state_sh)
     del state  # free the fresh init before the restore allocates
-    state, data_state = ckpt.restore(latest, abstract_state)
-    train_iter.set_state(data_state)
-    writer.info(f"resumed from {where}")
+    # The newest intact checkpoint: a truncated or corrupt one is skipped and renamed aside.
+    step_ckpt, state, data_state, skipped = ckpt.restore_newest(abstract_state, lambda meta, where: (
+        ckpt_lib.check_compatible(meta, dataclasses.asdict(model_cfg), tokenizer.to_bytes(), where)))
+    for path, aside, reason in skipped:
+      writer.info(f"warning: skipped checkpoint {path}, moved to {aside}: {reason}")
+    train_iter.set_state(distributed.restore_data_state(data_state))
+    writer.info(f"resumed from {os.path.join(ckpt.directory, str(step_ckpt))}")
   start = int(state["step"])
 
   # ---- Preference losses: the reference model's log-probabilities join every batch ----
@@ -257,7 +299,10 @@ def run(config, workdir):
 
   # ---- Compile the step ----
   loss_fn = losses.make_loss(config)
-  train_step = jit_train_step(m, loss_fn, tx, schedule, t.grad_accum_steps, data_sh, config.seed)
+  if _FAULT_NAN_STEPS:
+    loss_fn = _with_nan_fault(loss_fn)
+  guard = step_lib.Guard.from_config(t)
+  train_step = jit_train_step(m, loss_fn, tx, schedule, t.grad_accum_steps, data_sh, config.seed, guard)
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(param_sh, frozen_sh, data_sh),
                       out_shardings=replicated)
 
@@ -270,8 +315,21 @@ def run(config, workdir):
   flops_per_step = model_cfg.flops_per_token(t.seq_len) * tokens_per_step
   last = {}
 
+  def check_guard(step_no):
+    """Stops the run once `max_consecutive_skips` steps in a row were skipped (the state records when)."""
+    tripped = int(jax.device_get(state["guard"]["tripped"])) if guard.max_consecutive_skips > 0 else 0
+    if tripped:
+      ckpt.wait()
+      latest = ckpt.latest_step()
+      good = f"step {latest} in {ckpt.directory}" if latest is not None else f"none yet in {ckpt.directory}"
+      n = guard.max_consecutive_skips
+      raise TrainingError(f"stopped at step {step_no}: {n} steps in a row were skipped, up to step {tripped} "
+                          f"(non-finite or spiking loss; config.train.max_consecutive_skips={n}); the last good "
+                          f"checkpoint is {good}")
+
   def save(step_no, force=False):
-    ckpt.save(step_no, state, train_iter.get_state(), meta, force=force)
+    check_guard(step_no)  # a tripped state is never saved: resuming it would stop at once
+    ckpt.save(step_no, state, distributed.data_state_to_save(train_iter.get_state()), meta, force=force)
 
   def log_eval(step_no):
     loss, metrics = evaluate(eval_step, state["params"], frozen, eval_ds(), put_eval, t.eval_batches)
@@ -286,8 +344,12 @@ def run(config, workdir):
     if start == 0 and t.eval_every and t.get("eval_at_start", False):
       log_eval(0)  # the starting model, e.g. DPO's held-out preference accuracy before training
     tic, tic_step = time.perf_counter(), start
+    skipped_before = int(jax.device_get(state["guard"]["total"]))
     for step_no in range(start, t.steps):
-      batch = put_train(next(train_iter))
+      batch = next(train_iter)
+      if _FAULT_NAN_STEPS:
+        batch = _nan_fault_flag(batch, step_no + 1 in _FAULT_NAN_STEPS)
+      batch = put_train(batch)
       state, metrics = train_step(state, frozen, batch)
       done = step_no + 1
       if done % t.log_every == 0 or done == t.steps or done == start + 1:
@@ -298,12 +360,18 @@ def run(config, workdir):
         metrics["tokens_per_sec"] = steps_per_sec * tokens_per_step
         if peak > 0:
           metrics["mfu"] = steps_per_sec * flops_per_step / peak
-        if not math.isfinite(metrics["loss"]):
+        if not guard.skip_nonfinite and not math.isfinite(metrics["loss"]):  # the update was applied: stop
           ckpt.wait()
           raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; the last good checkpoint "
                                    f"is step {ckpt.latest_step()} in {ckpt.directory}")
         writer.write(done, metrics, prefix="train/")
         writer.progress(done, metrics, steps_per_sec)
+        total = int(metrics["skipped_total"])
+        if total > skipped_before:
+          writer.info(f"warning: {total - skipped_before} step(s) skipped up to step {done} (non-finite or "
+                      f"spiking loss; params and optimizer state kept); {total} in all")
+        skipped_before = total
+        check_guard(done)
         last = metrics
         tic, tic_step = time.perf_counter(), done
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
@@ -313,7 +381,8 @@ def run(config, workdir):
         save(done)
       if done == _FAULT_KILL_AT_STEP:  # fault injection: SIGKILL, as a crash or OOM-kill would
         os.kill(os.getpid(), signal.SIGKILL)
-      if preempt.requested:
+      if distributed.any_process(preempt.requested):  # all processes stop at the same step
+        preempt.requested = True
         writer.info(f"SIGTERM: saving step {done} and stopping")
         if done % t.checkpoint_every and done != t.steps:
           save(done, force=True)
