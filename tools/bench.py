@@ -1,23 +1,45 @@
-"""Train-step throughput and MFU for model presets, on whatever devices JAX sees.
+"""The project's benchmark: train-step throughput, MFU and memory, decoding speed.
 
-  python tools/bench.py                       # default and 100m presets
-  python tools/bench.py --presets=default --batch_size=8 --seq_len=512 --steps=10
-  python tools/bench.py --mode=decode         # KV-cache decoding vs recomputing the prefix
-  python tools/bench.py --presets=100m --peft=none,lora,qlora   # full fine-tuning vs LoRA vs QLoRA
+  python tools/bench.py                                   # default and 100m presets, pre-training
+  python tools/bench.py --presets=34m --compare-hf=f32,bf16_compile
+  python tools/bench.py --presets=100m --mode=pretrain,lora,qlora   # full vs LoRA vs QLoRA
+  python tools/bench.py --presets=34m --mode=sft --data=corpus      # SFT batches from the real pipeline
   python tools/bench.py --mode=dpo --presets=100m --peft=none,lora --dpo_reference=copy,adapters_off
+  python tools/bench.py --mode=decode                     # KV-cache decoding vs recomputing the prefix
+  python tools/bench.py --config=configs/pretrain.py:size=34m --model=remat=full,loss_block=0
 
-The MFU denominator is this machine's matmul peak measured in the same run
-(bf16 inputs, float32 accumulation, a 2048^3 matmul per device), so ratios are
-comparable across machines. Model FLOPs per token follow
-`ModelConfig.flops_per_token`: 6 x matmul weights + 12 x L x T x N x H for
-attention (forward + backward, no causal halving). With a frozen base
-(`--peft`), its weights get no gradient: 4 x base matmul weights + 6 x
+Modes: pretrain (next-token loss on every token), sft (a loss mask over the
+last three quarters of each row), lora and qlora (sft with the frozen base,
+rank --lora_rank on all linear layers), dpo and decode. `--presets` or
+`--config` (a stage config; its model and train.batch_size/seq_len unless the
+flags say otherwise) pick the model; `--model=key=value,...` overrides fields
+of it. Each (model, mode) runs in its own process, so the peak host memory
+(ru_maxrss) is that run's alone.
+
+Printed per run: compile time; step time (median, min, max over --steps
+measured steps after 2 warm-up steps); the time a step waited for its batch
+(`--data=corpus`: the Grain pipeline over the embedded corpus, fetched while
+the previous step runs, as in training; synthetic batches wait ~0); tokens/s;
+model FLOPs per token; MFU against this machine's matmul peak measured in the
+same run, for bf16 inputs with float32 accumulation and for float32; the
+Adam state; the peak host memory above the process's baseline, per parameter
+and against the ideal (below).
+
+FLOPs per token (`ModelConfig.flops_per_token`): 6 x matmul weights
+(including the output projection) + 12 x layers x seq_len x heads x head_dim
+(QK^T and PV, forward and backward, over the full T x T matrix: no causal
+halving). With a frozen base (lora, qlora): 4 x base matmul weights + 6 x
 trainable parameters + attention.
 
-With several `--peft` methods each is measured in its own process, so that
-the peak host memory (ru_maxrss) belongs to that method alone; the optimizer
-state is the bytes of the Adam moments, the frozen state the bytes of the
-parameters that do not train (quantized under qlora).
+Ideal memory of a step: float32 parameters (4 B each, quantized under qlora)
++ gradients and two Adam moments (12 B per trainable parameter) + the
+activations kept for the backward pass at the run's remat policy
+(`activation_bytes`).
+
+`--compare-hf` trains transformers' LlamaForCausalLM with torch AdamW on the
+same shapes, batch and sequence length in the same run (f32 eager and/or bf16
+autocast with torch.compile); lora and dpo modes compare against the same
+method written on torch (LoRA on every nn.Linear, DPO with a frozen copy).
 """
 
 import dataclasses
@@ -31,35 +53,134 @@ import time
 from absl import app, flags
 
 _PRESETS = flags.DEFINE_list("presets", ["default", "100m"], "Model presets to measure.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size (sequences).")
-_SEQ = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
+_CONFIG = flags.DEFINE_string("config", "", "A stage config (path[:args]) whose model and shapes to measure, "
+                              "instead of --presets.")
+_MODEL = flags.DEFINE_list("model", [], "Overrides of ModelConfig fields, key=value.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch size (sequences; pairs for dpo). Default 8, "
+                              "or the config's.")
+_SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length. Default 512, or the config's.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Measured steps (after 2 warm-up steps).")
-_REMAT = flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
+_REMAT = flags.DEFINE_string("remat", None, "Rematerialisation policy (default: the model's).")
 _SCAN = flags.DEFINE_enum("scan_layers", "preset", ["preset", "true", "false"], "Scan the layers or unroll them.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Matmul input dtype.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode", "dpo"], "What to measure.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Matmul input dtype (default: the model's, bfloat16).")
+_MODE = flags.DEFINE_list("mode", ["pretrain"], "What to measure: pretrain, sft, lora, qlora, dpo, decode.")
+_DATA = flags.DEFINE_enum("data", "synthetic", ["synthetic", "corpus"],
+                          "pretrain/sft batches: random tokens, or the real Grain pipeline over the embedded "
+                          "corpus (pretrain) or WordNet SFT examples (sft, lora, qlora).")
 _DPO_REF = flags.DEFINE_list("dpo_reference", ["copy", "adapters_off"],
                              "dpo: reference modes (copy, adapters_off, precomputed), each with each --peft "
                              "method it fits, in its own process.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "decode: prompt length.")
-_PEFT = flags.DEFINE_list("peft", ["none"], "Methods to train: none (all parameters), lora, qlora, ...")
-_RANK = flags.DEFINE_integer("lora_rank", 16, "LoRA rank for --peft=lora/qlora (all linear layers).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON line per result (used for the per-method processes).")
-_COMPARE_HF = flags.DEFINE_multi_enum("compare_hf", [], ["f32", "bf16_compile"],
-                                      "Also train transformers' LlamaForCausalLM (torch AdamW) on the same shapes: "
-                                      "f32 eager, and/or bf16 autocast with torch.compile.")
+_PEFT = flags.DEFINE_list("peft", ["none"], "dpo: methods to train (none: all parameters, lora, qlora, ...).")
+_RANK = flags.DEFINE_integer("lora_rank", 16, "LoRA rank for lora/qlora (all linear layers).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON line per result (the per-run processes).")
+_PEAK = flags.DEFINE_list("peaks", [], "bf16,f32 matmul peaks in FLOP/s (given to the per-run processes).")
+_COMPARE_HF = flags.DEFINE_list("compare_hf", [], "Also train the same shapes with transformers+torch: f32 "
+                                "(eager) and/or bf16_compile (bf16 autocast, torch.compile).")
+
+def model_config(name):
+  """The ModelConfig of a preset (or of --config), with --model/--remat/--dtype/--scan_layers applied."""
+  from lmstack.model.transformer import PRESETS, ModelConfig
+  if _CONFIG.value:
+    from lmstack.train import trainer
+    cfg = trainer.model_config(_stage_config())
+  else:
+    cfg = PRESETS[name]
+  fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  over = {}
+  for item in _MODEL.value:
+    key, _, value = item.partition("=")
+    if key not in fields or key == "peft":
+      raise SystemExit(f"error: --model={item}: {key!r} is not a ModelConfig field")
+    kind = type(getattr(cfg, key))
+    over[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+  for key, flag in (("remat", _REMAT), ("dtype", _DTYPE)):
+    if flag.value:
+      over[key] = flag.value
+  if _SCAN.value != "preset":
+    over["scan_layers"] = _SCAN.value == "true"
+  return dataclasses.replace(cfg, **over)
 
 
-def bench_hf(name, batch_size, seq_len, steps, variant):
-  """The same shapes trained with transformers + torch (test extra), tokens/s."""
+def _stage_config():
+  """get_config(arg) of --config=path[:arg]."""
+  import importlib.util
+  path, _, arg = _CONFIG.value.partition(":")
+  spec = importlib.util.spec_from_file_location("bench_stage_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def shapes():
+  """(batch, seq_len): the flags, else the config's, else 8 x 512."""
+  batch, seq = 8, 512
+  if _CONFIG.value:
+    t = _stage_config().train
+    batch, seq = t.batch_size, t.seq_len
+  return _BATCH.value or batch, _SEQ.value or seq
+
+
+def activation_bytes(cfg, batch, seq):
+  """Bytes of the activations a step keeps for its backward pass (this model, float32 residuals).
+
+  Per token and layer, remat none: the two norm inputs and their outputs
+  (4 D), q, k, v after rotation and the attention output (2 N H + 2 K H),
+  the attention probabilities over the causal half of the keys (N (T + block)
+  / 2), the gate and up projections and their product (3 F); remat full keeps
+  only each layer's input (D) and recomputes one layer at a time. The output
+  projection's cross-entropy is blocked and keeps nothing.
+  """
+  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+  blk = cfg.attention_block if cfg.attention_block and seq > cfg.attention_block else seq
+  per_layer = 4 * d + 2 * n * h + 2 * k * h + n * (seq + blk) / 2 + 3 * f
+  tokens = batch * seq
+  if cfg.remat == "full":
+    return 4 * tokens * (cfg.n_layers * d + per_layer)
+  return 4 * tokens * cfg.n_layers * per_layer
+
+
+def _rss():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss():
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak_rss():
+  """Restarts the kernel's peak-RSS count (VmHWM), so compilation's memory is not the step's."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def _peak_rss_since_reset():
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return _rss()
+
+
+def bench_hf(cfg, batch_size, seq_len, steps, variant, mode="pretrain", rank=16):
+  """The same shapes trained with transformers + torch (test extra): (tokens/s, median step s).
+
+  mode lora: every nn.Linear of the decoder and the output projection gets a
+  rank-`rank` adapter (x A B, B zero), the base frozen, AdamW over the
+  adapters; dpo: pairs [B, 2, T] scored by the policy and a frozen copy of
+  the starting model; dpo_lora: both.
+  """
+  import copy
   import statistics as stats
 
   import torch
   import transformers
 
-  from lmstack.model.transformer import PRESETS
-  cfg = PRESETS[name]
   torch.manual_seed(0)
   hf_cfg = transformers.LlamaConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
@@ -68,31 +189,61 @@ def bench_hf(name, batch_size, seq_len, steps, variant):
       rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings)
   model = transformers.LlamaForCausalLM(hf_cfg)
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-  tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
+  params = list(model.parameters())
+  dpo = mode.startswith("dpo")
+  reference = copy.deepcopy(model).eval() if dpo else None  # DPO: the starting model, frozen
+  if mode in ("lora", "qlora", "dpo_lora"):
+    class LoRALinear(torch.nn.Module):
+      def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(torch.randn(base.in_features, rank) / base.in_features ** 0.5)
+        self.b = torch.nn.Parameter(torch.zeros(rank, base.out_features))
+
+      def forward(self, x):
+        return self.base(x) + (x @ self.a) @ self.b * (32.0 / rank)
+
+    for p in model.parameters():
+      p.requires_grad_(False)
+    for parent in list(model.modules()):
+      for name, child in list(parent.named_children()):
+        if isinstance(child, torch.nn.Linear):
+          setattr(parent, name, LoRALinear(child))
+    params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  rows = 2 * batch_size if dpo else batch_size
+  tokens = torch.randint(0, cfg.vocab_size, (rows, seq_len + 1))
   inputs, labels = tokens[:, :-1], tokens[:, 1:]
+  mask = torch.ones(rows, seq_len)
+  if mode != "pretrain":
+    mask[:, :seq_len // 4] = 0
+
+  def logps(m, x, y):
+    logits = m(input_ids=x).logits.float()
+    return (torch.gather(torch.log_softmax(logits, -1), 2, y[..., None])[..., 0] * mask).sum(-1)
 
   def loss_fn(x, y):
-    logits = model(input_ids=x).logits
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    if dpo:
+      with torch.no_grad():
+        ref = logps(reference, x, y)
+      h = (logps(model, x, y) - ref).view(batch_size, 2)
+      return -torch.nn.functional.logsigmoid(0.1 * (h[:, 0] - h[:, 1])).mean()
+    logits = model(input_ids=x).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    return (nll * mask.reshape(-1)).sum() / mask.sum()
 
-  if variant == "bf16_compile":
-    compiled = torch.compile(loss_fn)
+  compiled = torch.compile(loss_fn) if variant == "bf16_compile" else loss_fn
 
-    def step():
+  def step():
+    if variant == "bf16_compile":
       with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = compiled(inputs, labels)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-      opt.step()
-      opt.zero_grad(set_to_none=True)
-  else:
-    def step():
-      loss = loss_fn(inputs, labels)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-      opt.step()
-      opt.zero_grad(set_to_none=True)
+    else:
+      loss = compiled(inputs, labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
   for _ in range(2):
     step()
@@ -101,19 +252,18 @@ def bench_hf(name, batch_size, seq_len, steps, variant):
     t0 = time.perf_counter()
     step()
     times.append(time.perf_counter() - t0)
-  return batch_size * seq_len / stats.median(times), stats.median(times)
+  return rows * seq_len / stats.median(times), stats.median(times)
 
 
-def bench_decode(name, batch_size, prompt_len, new_tokens, dtype):
+def bench_decode(cfg, batch_size, prompt_len, new_tokens):
   """Greedy decoding tokens/s with the KV cache and by recomputing the prefix."""
   import jax
   import numpy as np
   from flax import nnx
 
   from lmstack.model.generate import generate, generate_without_cache
-  from lmstack.model.transformer import PRESETS, Transformer
+  from lmstack.model.transformer import Transformer
 
-  cfg = dataclasses.replace(PRESETS[name], dtype=dtype)
   model = Transformer(cfg, nnx.Rngs(0))
   rng = np.random.default_rng(0)
   prompts = [list(map(int, rng.integers(4, cfg.vocab_size, prompt_len))) for _ in range(batch_size)]
@@ -127,21 +277,48 @@ def bench_decode(name, batch_size, prompt_len, new_tokens, dtype):
   return out
 
 
-def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak, scan="preset", method="none", rank=16):
+def _batches(cfg, mode, batch_size, seq_len):
+  """An endless iterator of host batches: random tokens, or the real pipeline (--data=corpus)."""
+  import numpy as np
+  if _DATA.value == "corpus":
+    import os
+
+    from lmstack.data import datasets
+    from lmstack.data.tokenizer import load_tokenizer
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import pretrain, sft
+    data = (pretrain if mode == "pretrain" else sft).get_config().data
+    tokenizer = load_tokenizer(data.tokenizer)
+    return iter(datasets.make_dataset(data, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0))
+  rng = np.random.default_rng(0)
+  tok = rng.integers(4, cfg.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
+  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": np.ones((batch_size, seq_len), np.int32),
+           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()}
+  if mode != "pretrain":  # a prompt quarter, then the response
+    batch["loss_mask"] = np.broadcast_to(np.arange(seq_len) >= seq_len // 4, (batch_size, seq_len)).astype(np.int32)
+
+  def forever():
+    while True:
+      yield batch
+  return forever()
+
+
+def bench_train(name, mode, peaks):
+  """One (model, mode) run in this process: the result dict."""
   import jax
   import ml_collections
-  import numpy as np
 
   from lmstack import sharding
   from lmstack.model import peft
-  from lmstack.model.transformer import PRESETS
   from lmstack.train import losses, optim
   from lmstack.train.state import init_sharded, jit_train_step
 
-  cfg = dataclasses.replace(PRESETS[name], remat=remat, dtype=dtype, max_seq_len=max(seq_len, PRESETS[name].max_seq_len))
-  if scan != "preset":
-    cfg = dataclasses.replace(cfg, scan_layers=scan == "true")
-  cfg = dataclasses.replace(cfg, peft=peft.PeftConfig(method=method, rank=rank))
+  baseline = _current_rss()
+  batch_size, seq_len = shapes()
+  method = mode if mode in ("lora", "qlora") else "none"
+  cfg = model_config(name)
+  cfg = dataclasses.replace(cfg, max_seq_len=max(seq_len, cfg.max_seq_len),
+                            peft=peft.PeftConfig(method=method, rank=_RANK.value))
   mesh = sharding.make_mesh((1, -1, 1))
   rules = sharding.resolve_rules("fsdp")
   ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
@@ -152,20 +329,29 @@ def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak, scan="pre
   data_sh = sharding.batch_sharding(mesh, rules)
   step = jit_train_step(m, losses.next_token_loss, tx, schedule, 1, data_sh)
   state, frozen = m.init()
-  rng = np.random.default_rng(0)
-  tok = rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
-  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": np.ones((batch_size, seq_len), np.int32),
-           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()}
-  batch = {k: jax.device_put(v, data_sh) for k, v in batch.items()}
+  batches = _batches(cfg, mode, batch_size, seq_len)
+  put = lambda b: {k: jax.device_put(v, data_sh) for k, v in b.items()}
+  batch = put(next(batches))
   with sharding.use(mesh, rules):
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(2):
+      state, metrics = compiled(state, frozen, put(next(batches)))
+    jax.block_until_ready(metrics)
+    _reset_peak_rss()
+    # As the trainer runs: the next batch is fetched while the step runs.
+    waits = []
+    t_loop = time.perf_counter()
+    for _ in range(_STEPS.value):
+      t0 = time.perf_counter()
+      batch = put(next(batches))
+      waits.append(time.perf_counter() - t0)
       state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
+    loop_s = time.perf_counter() - t_loop
+    times = []  # each step alone, for median/min/max
+    for _ in range(_STEPS.value):
       t0 = time.perf_counter()
       state, metrics = compiled(state, frozen, batch)
       jax.block_until_ready(metrics)
@@ -177,27 +363,33 @@ def bench_preset(name, batch_size, seq_len, steps, remat, dtype, peak, scan="pre
   if method != "none":  # frozen base weights: forward and input gradients only
     fpt += -2 * (cfg.num_params(embeddings=False) + cfg.vocab_size * cfg.d_model) + 6 * trainable
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
-  return dict(preset=name, method=method, params=cfg.num_params(), trainable=trainable, batch=batch_size,
-              seq=seq_len, compile_s=compile_s, step_median_s=med, step_min_s=min(times), step_max_s=max(times),
-              tokens_per_s=tokens / med, flops_per_token=fpt, mfu=tokens / med * fpt / peak,
-              loss=float(metrics["loss"]), opt_state_bytes=nbytes(state["opt_state"]),
-              frozen_bytes=nbytes(frozen), param_bytes=nbytes(state["params"]),
-              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  param_bytes, frozen_bytes = nbytes(state["params"]), nbytes(frozen)
+  ideal = param_bytes + frozen_bytes + 12 * trainable + activation_bytes(cfg, batch_size, seq_len)
+  peak = _peak_rss_since_reset()
+  return dict(preset=name, mode=mode, params=cfg.num_params(), trainable=trainable, batch=batch_size, seq=seq_len,
+              remat=cfg.remat, compile_s=compile_s, step_median_s=med, step_min_s=min(times), step_max_s=max(times),
+              loop_step_s=loop_s / _STEPS.value, data_wait_s=statistics.median(waits),
+              tokens_per_s=tokens / med, flops_per_token=fpt, mfu=tokens / med * fpt / peaks[0],
+              mfu_f32=tokens / med * fpt / peaks[1], loss=float(metrics["loss"]),
+              opt_state_bytes=nbytes(state["opt_state"]), frozen_bytes=frozen_bytes, param_bytes=param_bytes,
+              peak_rss_bytes=peak, baseline_rss_bytes=baseline, step_memory_bytes=peak - baseline,
+              ideal_bytes=ideal)
 
 
-def _in_subprocess(name, method):
-  """bench_preset in a fresh process (its own peak memory); the result dict."""
-  args = [a for a in sys.argv[1:] if not a.startswith(("--peft", "--presets", "--json", "--compare_hf"))]
-  cmd = [sys.executable, __file__, *args, f"--presets={name}", f"--peft={method}", "--json"]
+def _in_subprocess(name, mode, peaks, extra=()):
+  """A run in a fresh process (its own peak memory); the result dicts it printed."""
+  own = {"--presets", "--json", "--compare_hf", "--mode", "--peaks", "--peft", "--dpo_reference"}
+  args = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in own]
+  cmd = [sys.executable, __file__, *args, f"--presets={name}", f"--mode={mode}", f"--peaks={peaks[0]},{peaks[1]}",
+         "--json", *extra]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   rows = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
   if out.returncode or not rows:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-  return rows[0]
+  return rows
 
 
-def bench_dpo(name, batch_size, seq_len, steps, remat, dtype, scan="preset", method="none", rank=16,
-              reference_mode="copy"):
+def bench_dpo(name, method="none", reference_mode="copy"):
   """One DPO step (the reference forward, then the policy's forward + backward) on
   `batch_size` pairs = 2 x batch_size rows; tokens/s counts both rows."""
   import functools
@@ -208,14 +400,14 @@ def bench_dpo(name, batch_size, seq_len, steps, remat, dtype, scan="preset", met
 
   from lmstack import sharding
   from lmstack.model import peft
-  from lmstack.model.transformer import PRESETS
   from lmstack.train import losses, optim, reference
   from lmstack.train.state import init_sharded, jit_train_step
 
-  cfg = dataclasses.replace(PRESETS[name], remat=remat, dtype=dtype, max_seq_len=max(seq_len, PRESETS[name].max_seq_len))
-  if scan != "preset":
-    cfg = dataclasses.replace(cfg, scan_layers=scan == "true")
-  cfg = dataclasses.replace(cfg, peft=peft.PeftConfig(method=method, rank=rank))
+  batch_size, seq_len = shapes()
+  steps = _STEPS.value
+  cfg = model_config(name)
+  cfg = dataclasses.replace(cfg, max_seq_len=max(seq_len, cfg.max_seq_len),
+                            peft=peft.PeftConfig(method=method, rank=_RANK.value))
   mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.resolve_rules("fsdp")
   ocfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
                                         decay_fraction=0.2, decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8,
@@ -271,88 +463,98 @@ def bench_dpo(name, batch_size, seq_len, steps, remat, dtype, scan="preset", met
               peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def main_dpo():
+def _print_torch(cfg, r, mode):
+  """--compare-hf for one run: each torch variant's tokens/s and the ratio."""
+  for variant in _COMPARE_HF.value:
+    batch, seq = r.get("batch", r.get("pairs")), r["seq"]
+    hf_tps, hf_step = bench_hf(cfg, batch, seq, _STEPS.value, variant, mode, _RANK.value)
+    print(f"{'':>8} transformers+torch {variant} ({mode}): step {hf_step:.3f} s, {hf_tps:,.0f} tokens/s; "
+          f"lmstack / torch = {r['tokens_per_s'] / hf_tps:.2f}x", flush=True)
+
+
+def main_dpo(peaks):
   """--mode=dpo: one process per (preset, method, reference), a table."""
-  import jax
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; DPO step = reference forward + policy "
-        f"forward/backward on {_BATCH.value} pairs ({2 * _BATCH.value} rows) x {_SEQ.value} tokens")
+  batch, seq = shapes()
+  print(f"DPO step = reference forward + policy forward/backward on {batch} pairs ({2 * batch} rows) x {seq} tokens")
   print(f"{'preset':>8} {'method':>6} {'reference':>12} {'compile_s':>9} {'step_s med/min/max':>20} {'tokens/s':>9} "
         f"{'policy MB':>9} {'opt MB':>8} {'ref MB':>8} {'peak dev MB':>11} {'peak RSS MB':>11}")
   for name in _PRESETS.value:
     for method in _PEFT.value:
-      for mode in _DPO_REF.value:
-        if mode == "adapters_off" and method not in ("lora", "qlora", "adapter", "llama_adapter"):
+      for ref in _DPO_REF.value:
+        if ref == "adapters_off" and method not in ("lora", "qlora", "adapter", "llama_adapter"):
           continue
         if _JSON.value:
-          r = bench_dpo(name, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value, _DTYPE.value, _SCAN.value,
-                        method, _RANK.value, mode)
-          print("RESULT " + json.dumps(r), flush=True)
+          print("RESULT " + json.dumps(bench_dpo(name, method, ref)), flush=True)
           continue
-        args = [a for a in sys.argv[1:] if not a.startswith(("--peft", "--presets", "--json", "--dpo_reference"))]
-        cmd = [sys.executable, __file__, *args, f"--presets={name}", f"--peft={method}", f"--dpo_reference={mode}",
-               "--json"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        rows = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode or not rows:
-          raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-        r, mb = rows[0], 2**20
+        r = _in_subprocess(name, "dpo", peaks, [f"--peft={method}", f"--dpo_reference={ref}"])[0]
         times = f"{r['step_median_s']:.3f}/{r['step_min_s']:.3f}/{r['step_max_s']:.3f}"
-        print(f"{name:>8} {method:>6} {mode:>12} {r['compile_s']:>9.1f} {times:>20} {r['tokens_per_s']:>9,.0f} "
+        mb = 2**20
+        print(f"{name:>8} {method:>6} {ref:>12} {r['compile_s']:>9.1f} {times:>20} {r['tokens_per_s']:>9,.0f} "
               f"{r['policy_bytes'] / mb:>9.1f} {r['opt_state_bytes'] / mb:>8.1f} {r['reference_bytes'] / mb:>8.1f} "
               f"{r['peak_device_bytes'] / mb:>11.0f} {r['peak_rss_bytes'] / mb:>11.0f}", flush=True)
+        if method in ("none", "lora") and ref in ("copy", "adapters_off"):
+          _print_torch(model_config(name), r, "dpo" if method == "none" else "dpo_lora")
 
 
 def main(argv):
   del argv
   import jax
-  if _MODE.value == "dpo":
-    main_dpo()
-    return
-  if _MODE.value == "decode":
-    print(f"greedy decoding, batch {_BATCH.value}, prompt {_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, "
-          f"dtype {_DTYPE.value}")
+  modes = _MODE.value
+  unknown = set(modes) - {"pretrain", "sft", "lora", "qlora", "dpo", "decode"}
+  if unknown:
+    raise SystemExit(f"error: --mode={','.join(modes)}: unknown {sorted(unknown)}")
+  if modes == ["decode"]:
+    batch = _BATCH.value or 4
+    print(f"greedy decoding, batch {batch}, prompt {_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens")
     print(f"{'preset':>8} {'kv-cache tok/s':>15} {'recompute tok/s':>16} {'speed-up':>9}")
     for name in _PRESETS.value:
-      r = bench_decode(name, _BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value, _DTYPE.value)
+      r = bench_decode(model_config(name), batch, _PROMPT_LEN.value, _NEW_TOKENS.value)
       print(f"{name:>8} {r['kv_cache']:>15,.1f} {r['recompute']:>16,.1f} {r['kv_cache'] / r['recompute']:>8.1f}x",
             flush=True)
     return
-  import jax.numpy as jnp
-  from lmstack.metrics import measure_peak_flops
-  peak = measure_peak_flops(dtype=jnp.bfloat16)
-  peak32 = measure_peak_flops(dtype=jnp.float32)
+  if _PEAK.value:
+    peaks = [float(x) for x in _PEAK.value]
+  else:
+    import jax.numpy as jnp
+    from lmstack.metrics import measure_peak_flops
+    peaks = [measure_peak_flops(dtype=jnp.bfloat16), measure_peak_flops(dtype=jnp.float32)]
+  if _JSON.value:  # a per-run process
+    if modes == ["dpo"]:
+      main_dpo(peaks)
+    else:
+      print("RESULT " + json.dumps(bench_train(_PRESETS.value[0], modes[0], peaks)), flush=True)
+    return
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
-  print(f"matmul peak: {peak / 1e9:,.1f} GFLOP/s bf16-in/f32-acc, {peak32 / 1e9:,.1f} GFLOP/s f32")
-  header = (f"{'preset':>8} {'method':>6} {'params':>12} {'trainable':>11} {'batch':>5} {'seq':>5} {'compile_s':>9} "
-            f"{'step_s med/min/max':>20} {'tokens/s':>10} {'GFLOP/tok':>9} {'MFU':>6} {'opt MB':>8} {'frozen MB':>9} "
-            f"{'peak RSS MB':>11}")
-  if not _JSON.value:
-    print(header)
-  for name in _PRESETS.value:
+  print(f"matmul peak: {peaks[0] / 1e9:,.1f} GFLOP/s bf16-in/f32-acc, {peaks[1] / 1e9:,.1f} GFLOP/s f32")
+  if "dpo" in modes:
+    main_dpo(peaks)
+    modes = [m for m in modes if m != "dpo"]
+  if not modes:
+    return
+  print(f"{'preset':>8} {'mode':>8} {'params':>12} {'trainable':>11} {'batch':>5} {'seq':>5} {'compile_s':>9} "
+        f"{'step_s med/min/max':>20} {'wait ms':>7} {'tokens/s':>9} {'GFLOP/tok':>9} {'MFU bf16':>8} {'MFU f32':>7} "
+        f"{'opt MB':>8} {'step MB':>8} {'B/param':>7} {'/ ideal':>7}")
+  for name in _PRESETS.value if not _CONFIG.value else [_CONFIG.value]:
     full_opt = None
-    for method in _PEFT.value:
-      if len(_PEFT.value) > 1:
-        r = _in_subprocess(name, method)
-      else:
-        r = bench_preset(name, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value, _DTYPE.value, peak,
-                         _SCAN.value, method, _RANK.value)
-      if _JSON.value:
-        print("RESULT " + json.dumps(r), flush=True)
-        continue
+    for mode in modes:
+      r = _in_subprocess(name, mode, peaks)[0]
       times = f"{r['step_median_s']:.3f}/{r['step_min_s']:.3f}/{r['step_max_s']:.3f}"
-      print(f"{r['preset']:>8} {r['method']:>6} {r['params']:>12,} {r['trainable']:>11,} {r['batch']:>5} {r['seq']:>5} "
-            f"{r['compile_s']:>9.1f} {times:>20} {r['tokens_per_s']:>10,.0f} {r['flops_per_token'] / 1e9:>9.3f} "
-            f"{r['mfu']:>6.1%} {r['opt_state_bytes'] / 2**20:>8.1f} {r['frozen_bytes'] / 2**20:>9.1f} "
-            f"{r['peak_rss_bytes'] / 2**20:>11.0f}", flush=True)
-      if method == "none":
+      label = name if len(name) <= 8 else name.rsplit("/", 1)[-1][:8]
+      print(f"{label:>8} {mode:>8} {r['params']:>12,} {r['trainable']:>11,} {r['batch']:>5} {r['seq']:>5} "
+            f"{r['compile_s']:>9.1f} {times:>20} {r['data_wait_s'] * 1e3:>7.1f} {r['tokens_per_s']:>9,.0f} "
+            f"{r['flops_per_token'] / 1e9:>9.3f} {r['mfu']:>8.1%} {r['mfu_f32']:>7.1%} "
+            f"{r['opt_state_bytes'] / 2**20:>8.1f} {r['step_memory_bytes'] / 2**20:>8.0f} "
+            f"{r['step_memory_bytes'] / r['params']:>7.1f} {r['step_memory_bytes'] / r['ideal_bytes']:>7.2f}",
+            flush=True)
+      if mode == "pretrain":
         full_opt = r["opt_state_bytes"]
-      elif full_opt:
-        print(f"{'':>8} {method} optimizer state = {r['opt_state_bytes'] / full_opt:.2%} of full fine-tuning's")
-    for variant in _COMPARE_HF.value:
-      hf_tps, hf_step = bench_hf(name, _BATCH.value, _SEQ.value, _STEPS.value, variant)
-      print(f"{'':>8} transformers+torch {variant}: step {hf_step:.3f} s, {hf_tps:,.0f} tokens/s; "
-            f"lmstack / torch = {r['tokens_per_s'] / hf_tps:.2f}x", flush=True)
+      elif full_opt and mode in ("lora", "qlora"):
+        print(f"{'':>8} {mode} optimizer state = {r['opt_state_bytes'] / full_opt:.2%} of full training's")
+      if mode in ("pretrain", "sft", "lora"):
+        _print_torch(model_config(name), r, mode)
 
 
 if __name__ == "__main__":
+  # --compare-hf, as the flag is usually spelled, is absl's --compare_hf.
+  sys.argv = [a.replace("--compare-hf", "--compare_hf", 1) for a in sys.argv]
   app.run(main)

@@ -29,7 +29,9 @@ _SFT_STEPS = flags.DEFINE_integer("sft_steps", 150, "Fine-tuning steps of 16 x 1
 _RANK = flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank).")
 _FULL_LRS = flags.DEFINE_list("full_lrs", ["1e-4", "3e-4", "1e-3"], "Full fine-tuning learning rates.")
 _LORA_LRS = flags.DEFINE_list("lora_lrs", ["1e-3", "3e-3", "1e-2"], "LoRA learning rates (both target sets).")
-_METHODS = flags.DEFINE_list("methods", ["full", "lora-all", "lora-attn"], "Which of the three to run.")
+_METHODS = flags.DEFINE_list("methods", ["full", "lora-all", "lora-all+embed", "lora-attn"],
+                             "Which to run: full, lora-all (every linear layer and the output projection), "
+                             "lora-all+embed (and the input embedding), lora-attn (attention only).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 40, "Held-out batches per evaluation (0: all 5,883 examples).")
 
 
@@ -46,11 +48,11 @@ def _base(workdir):
   return trainer.run(config, workdir)
 
 
-def _finetune(base, workdir, method, targets, lr):
+def _finetune(base, workdir, method, targets, lr, embed=False):
   from configs import sft
   from lmstack.train import trainer
   config = sft.get_config(f"init_from={base},method={method}")
-  config.peft.update(rank=_RANK.value, alpha=2.0 * _RANK.value, targets=targets)
+  config.peft.update(rank=_RANK.value, alpha=2.0 * _RANK.value, targets=targets, embed=embed)
   config.optim.lr = lr
   config.train.update(steps=_SFT_STEPS.value, eval_every=_SFT_STEPS.value, checkpoint_every=_SFT_STEPS.value,
                       eval_batches=_EVAL_BATCHES.value, peak_flops=0.0, log_every=50)
@@ -64,12 +66,13 @@ def main(argv):
   _base(base)
   runs = ([("full", "none", ".*", float(lr)) for lr in _FULL_LRS.value]
           + [("lora-all", "lora", ".*", float(lr)) for lr in _LORA_LRS.value]  # unembed included
+          + [("lora-all+embed", "lora", ".*", float(lr)) for lr in _LORA_LRS.value]  # and the input embedding
           + [("lora-attn", "lora", "attn/.*", float(lr)) for lr in _LORA_LRS.value])
   runs = [r for r in runs if r[0] in _METHODS.value]
   results = []
   for label, method, targets, lr in runs:
-    workdir = os.path.join(_WORKDIR.value, f"{label}_lr{lr:g}")
-    loss = _finetune(base, workdir, "full" if method == "none" else method, targets, lr)
+    workdir = os.path.join(_WORKDIR.value, f"{label}_r{_RANK.value}_lr{lr:g}")
+    loss = _finetune(base, workdir, "full" if method == "none" else method, targets, lr, label.endswith("+embed"))
     results.append((label, lr, loss))
     print(f"RESULT {label:>9} lr {lr:<7g} held-out loss {loss:.4f}", flush=True)
   best = {}
@@ -78,12 +81,12 @@ def main(argv):
       best[label] = (lr, loss)
   print(f"\nSFT on WordNet definitions: {_SFT_STEPS.value} steps x 16 x 128 tokens from a "
         f"{_D_MODEL.value}-wide, {_LAYERS.value}-layer base; held-out loss on response tokens")
-  print(f"{'method':>10} | " + " | ".join(f"lr {lr:g}" for lr in sorted({r[1] for r in results})) + " | best")
+  print(f"{'method':>14} | " + " | ".join(f"lr {lr:g}" for lr in sorted({r[1] for r in results})) + " | best")
   for label in best:
     cells = {lr: loss for lab, lr, loss in results if lab == label}
     row = " | ".join(f"{cells[lr]:.4f}" if lr in cells else "-" for lr in sorted({r[1] for r in results}))
     rel = best[label][1] / best["full"][1] - 1 if "full" in best else 0.0
-    print(f"{label:>10} | {row} | {best[label][1]:.4f} at lr {best[label][0]:g} ({rel:+.1%} vs full)")
+    print(f"{label:>14} | {row} | {best[label][1]:.4f} at lr {best[label][0]:g} ({rel:+.1%} vs full)")
   print(f"wall time {time.perf_counter() - t0:.0f} s")
 
 

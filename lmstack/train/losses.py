@@ -18,7 +18,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lmstack.errors import ConfigError
 
@@ -37,12 +36,126 @@ def next_token_loss(model, batch, rng=None):
   batch: inputs, targets, segment_ids, positions, all int32 [B, T]; an
   optional loss_mask [B, T] zeroes tokens (for example prompts in SFT).
   """
-  logits_btv = model(batch["inputs"], batch["positions"], batch["segment_ids"], rng=rng)
+  h_btd = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], rng=rng)
+  w, eq = model.unembedding()
   w_bt = token_weights(batch)
-  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), batch["targets"])
-  loss_sum = jnp.sum(nll_bt * w_bt)
-  correct = jnp.sum((jnp.argmax(logits_btv, -1) == batch["targets"]) * w_bt)
+  cfg = model.cfg
+  loss_sum, correct = unembed_cross_entropy(h_btd, w, batch["targets"], w_bt, eq, cfg.compute_dtype, cfg.loss_block)
   return loss_sum, jnp.sum(w_bt), {"accuracy": correct}
+
+
+# ---------------------------------------------------------------------------
+# The output projection and cross-entropy, a block of positions at a time.
+#
+# For a vocabulary V the logits are B x T x V float32 (134 MB at 8 x 512 x
+# 8192), several times the size of everything else in a step, and softmax,
+# its gradient and the argmax each pass over them. Here a `lax.scan` over
+# blocks of `block` positions computes each block's logits, its loss and,
+# under differentiation, at once its gradient: d loss / d logits =
+# weight * (softmax - onehot) is known in the forward pass because the loss is
+# a plain sum, so the block's dh and dW are computed there and only scaled by
+# the incoming cotangent in the backward pass. No logits are kept and none are
+# recomputed.
+
+
+def _blocks(x, block):
+  """[B, T, ...] -> [T / block, B, block, ...]."""
+  b, t = x.shape[:2]
+  return jnp.moveaxis(x.reshape(b, t // block, block, *x.shape[2:]), 1, 0)
+
+
+def _unblock(x):
+  n, b, c = x.shape[:3]
+  return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+def _block_size(t, block):
+  return block if block and t > block and t % block == 0 else t
+
+
+def _block_logits(h_bcd, w, eq, dtype):
+  return jnp.einsum(eq, h_bcd.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _block_stats(logits_bcv, targets_bc, w_bc):
+  lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+  target_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], -1)[..., 0]
+  correct_bc = jnp.argmax(logits_bcv, -1) == targets_bc
+  return lse_bc, jnp.sum((lse_bc - target_bc) * w_bc), jnp.sum(correct_bc * w_bc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def unembed_cross_entropy(h_btd, w, targets_bt, w_bt, eq, dtype, block):
+  """(sum of weighted next-token NLL, weighted count of argmax hits), float32.
+
+  logits = einsum(eq, h, w) with `dtype` inputs and float32 accumulation,
+  `block` positions at a time; the gradient flows to `h_btd` and `w`.
+  """
+  c = _block_size(h_btd.shape[1], block)
+
+  def body(carry, xs):
+    h_bcd, t_bc, w_bc = xs
+    _, nll, hits = _block_stats(_block_logits(h_bcd, w, eq, dtype), t_bc, w_bc)
+    return (carry[0] + nll, carry[1] + hits), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (nll, hits), _ = jax.lax.scan(body, (zero, zero), (_blocks(h_btd, c), _blocks(targets_bt, c), _blocks(w_bt, c)))
+  return nll, hits
+
+
+def _ce_fwd(h_btd, w, targets_bt, w_bt, eq, dtype, block):
+  c = _block_size(h_btd.shape[1], block)
+  w_axes = eq.split("->")[0].split(",")[1]
+  dh_eq, dw_eq = f"btv,{w_axes}->btd", f"btd,btv->{w_axes}"  # the two gradient contractions of eq
+
+  def body(carry, xs):
+    nll_sum, hits_sum, dw = carry
+    h_bcd, t_bc, w_bc = xs
+    logits_bcv = _block_logits(h_bcd, w, eq, dtype)
+    lse_bc, nll, hits = _block_stats(logits_bcv, t_bc, w_bc)
+    p_bcv = jnp.exp(logits_bcv - lse_bc[..., None])
+    onehot = jax.lax.broadcasted_iota(jnp.int32, p_bcv.shape, 2) == t_bc[..., None]
+    g_bcv = ((p_bcv - onehot) * w_bc[..., None]).astype(dtype)
+    dh_bcd = jnp.einsum(dh_eq, g_bcv, w.astype(dtype), preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum(dw_eq, h_bcd.astype(dtype), g_bcv, preferred_element_type=jnp.float32)
+    return (nll_sum + nll, hits_sum + hits, dw), dh_bcd
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (zero, zero, jnp.zeros(w.shape, jnp.float32))
+  (nll, hits, dw), dh = jax.lax.scan(body, init, (_blocks(h_btd, c), _blocks(targets_bt, c), _blocks(w_bt, c)))
+  return (nll, hits), (_unblock(dh).astype(h_btd.dtype), dw.astype(w.dtype))
+
+
+def _ce_bwd(eq, dtype, block, res, cotangents):
+  del eq, dtype, block
+  dh, dw = res
+  g = cotangents[0]  # the argmax count has no gradient
+  return (dh * g).astype(dh.dtype), (dw * g).astype(dw.dtype), None, None
+
+
+unembed_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
+
+
+def unembed_logps(h_btd, w, targets_bt, w_bt, eq, dtype, block):
+  """Per-row sums of weighted target log-probabilities [B], block by block.
+
+  The rows' cotangents differ (a preference loss weighs chosen and rejected
+  apart), so the gradient is not known in the forward pass; each block is
+  rematerialised instead, which costs one more logits matmul.
+  """
+  c = _block_size(h_btd.shape[1], block)
+
+  @jax.checkpoint
+  def body(carry, xs):
+    h_bcd, t_bc, w_bc = xs
+    logits_bcv = _block_logits(h_bcd, w, eq, dtype)
+    lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    target_bc = jnp.take_along_axis(logits_bcv, t_bc[..., None], -1)[..., 0]
+    return carry + jnp.sum((target_bc - lse_bc) * w_bc, -1), None
+
+  out, _ = jax.lax.scan(body, jnp.zeros(h_btd.shape[:1], jnp.float32),
+                        (_blocks(h_btd, c), _blocks(targets_bt, c), _blocks(w_bt, c)))
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -60,10 +173,11 @@ def sequence_logps(model, batch, rng=None):
   """
   b, r, t = batch["inputs"].shape
   flat = {k: batch[k].reshape(b * r, t) for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-  logits_btv = model(flat["inputs"], flat["positions"], flat["segment_ids"], rng=rng)
+  h_btd = model.hidden(flat["inputs"], flat["positions"], flat["segment_ids"], rng=rng)
+  w, eq = model.unembedding()
   w_bt = token_weights(flat)
-  logp_bt = -optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), flat["targets"])
-  return jnp.sum(logp_bt * w_bt, -1).reshape(b, r), jnp.sum(w_bt, -1).reshape(b, r)
+  logp_b = unembed_logps(h_btd, w, flat["targets"], w_bt, eq, model.cfg.compute_dtype, model.cfg.loss_block)
+  return logp_b.reshape(b, r), jnp.sum(w_bt, -1).reshape(b, r)
 
 
 def preference_loss(h_b, variant="sigmoid", beta=0.1, label_smoothing=0.0):
