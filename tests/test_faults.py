@@ -347,10 +347,14 @@ def test_random_kills_resume_bit_for_bit(tmp_path):
                             text=True)
     killed = False
     if attempt < n_kills:
+      # Kill after a random 1-4 more logged steps and a random part of a step,
+      # counted in steps rather than seconds so that a fast machine does not
+      # finish the run before the last kill.
+      more = rng.randint(1, 4)
       deadline = time.time() + 300
-      while proc.poll() is None and len(_logged(workdir)) <= seen and time.time() < deadline:
-        time.sleep(0.02)  # wait for training to start (after compilation), then kill at a random moment
-      delay = rng.uniform(0.0, 3.0)
+      while proc.poll() is None and len(_logged(workdir)) < seen + more and time.time() < deadline:
+        time.sleep(0.01)
+      delay = rng.uniform(0.0, 0.3)
       time.sleep(delay)
       if proc.poll() is None:
         proc.kill()  # SIGKILL
