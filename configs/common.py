@@ -6,6 +6,7 @@ import os
 
 import ml_collections
 
+from lmstack import paths
 from lmstack.model.peft import PeftConfig
 from lmstack.model.transformer import PRESETS, ModelConfig
 
@@ -48,20 +49,11 @@ def checkpoint_meta(path):
   """The `meta` JSON of the newest step under a workdir or checkpoint dir.
 
   Read as a plain file (what Orbax's JSON handler writes), so a config can
-  take its model shape from a checkpoint without starting JAX.
+  take its model shape from a checkpoint without starting JAX. Local or
+  gs:// paths (`lmstack.paths`).
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if os.path.basename(path).isdigit():
-    step_dir = path
-  else:
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-    if not steps:
-      raise ValueError(f"init_from={path!r} holds no checkpoint step directory")
-    step_dir = os.path.join(path, str(max(steps)))
-  with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
-    return json.load(f)
+  step_dir, _ = checkpoint_step(path)
+  return json.loads((paths.as_path(step_dir) / "meta" / "metadata").read_text())
 
 
 def from_checkpoint(config, path):
@@ -122,26 +114,26 @@ def mixture_data(weights, tokenizer):
 
 
 def checkpoint_step(path):
-  """(step directory, step) of the newest step under a workdir or checkpoint dir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "meta")):
-    return path, int(os.path.basename(path))
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  """(step directory, step) of the newest step under a workdir or checkpoint dir (local or gs://)."""
+  path = paths.as_path(path)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if path.name.isdigit() and (path / "meta").is_dir():
+    return os.fspath(path), int(path.name)
+  steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
   if not steps:
-    raise ValueError(f"init_from={path!r} holds no checkpoint step directory")
-  return os.path.join(path, str(max(steps))), max(steps)
+    raise ValueError(f"init_from={os.fspath(path)!r} holds no checkpoint step directory")
+  return os.fspath(path / str(max(steps))), max(steps)
 
 
 def checkpoint_tokenizer(path):
   """The tokenizer file a tool wrote beside a params checkpoint (tools/soup.py,
   tools/extend_vocab.py), or "" if there is none."""
-  path = os.path.abspath(path)
-  for root in (path, os.path.dirname(path)):
+  path = paths.as_path(path)
+  for root in (path, path.parent):
     for name in ("tokenizer.model", "tokenizer.lmstack"):
-      if os.path.isfile(os.path.join(root, name)):
-        return os.path.join(root, name)
+      if (root / name).is_file():
+        return os.fspath(root / name)
   return ""
 
 

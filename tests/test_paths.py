@@ -117,3 +117,16 @@ def test_tiny_pretrain_with_an_epath_workdir(tmp_path, capsys):
   assert f"resumed from {workdir / 'checkpoints' / '2'}" in capsys.readouterr().out
   with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_stage_configs_find_a_checkpoint_on_gs(fake_gcs, no_local_io_on_urls):
+  """init_from=gs://... : the config helpers read the newest step's meta through epath."""
+  from configs import common
+  meta = {"model": {"d_model": 64}, "config": {"data": {"tokenizer": "t.model"}}}
+  epath.Path("gs://bucket/run/checkpoints/4/meta/metadata").write_text(json.dumps({"model": {}}))
+  epath.Path("gs://bucket/run/checkpoints/12/meta/metadata").write_text(json.dumps(meta))
+  assert common.checkpoint_step("gs://bucket/run") == ("gs://bucket/run/checkpoints/12", 12)
+  assert common.checkpoint_meta("gs://bucket/run") == meta
+  assert common.checkpoint_tokenizer("gs://bucket/run/checkpoints/12") == ""
+  with pytest.raises(ValueError, match="holds no checkpoint step directory"):
+    common.checkpoint_step("gs://bucket/empty")
