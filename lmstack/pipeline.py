@@ -245,7 +245,7 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value)
     run(_WORKDIR.value, _RUNLOCAL.value, _OVERRIDE.value, log=lambda m: print(m, flush=True))
   except LmstackError as e:
-    print(f"error: {e}", file=sys.stderr)
+    sys.stderr.write(f"error: {e}\n")  # one write: no other thread's output inside the line
     sys.exit(1)
 
 

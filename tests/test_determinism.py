@@ -166,8 +166,9 @@ def test_a_fresh_process_with_another_hash_seed_agrees(runs, base_run, tmp_path)
   (tmp_path / "jobs.pickle").write_bytes(pickle.dumps(jobs))
   code = ("import pickle, sys; from lmstack.train import trainer; "
           "[trainer.run(config, workdir) for config, workdir in pickle.load(open(sys.argv[1], 'rb'))]")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # no persistent cache
   out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "jobs.pickle")], cwd=REPO, capture_output=True,
-                       text=True, timeout=900, env={**os.environ, "PYTHONHASHSEED": "12345"})
+                       text=True, timeout=900, env={**env, "PYTHONHASHSEED": "12345"})
   assert out.returncode == 0, out.stderr[-2000:]
   for stage in STAGES:
     assert _train_metrics(tmp_path / stage) == runs(stage)[0], stage

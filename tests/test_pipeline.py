@@ -53,7 +53,7 @@ def test_bad_override_values(field, value, message):
 def _pipeline(workdir, *flags, rc=0):
   # One CPU device (not conftest's 8): compiling for one is faster, and the stages need no mesh.
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", "")}
+      "--xla_force_host_platform_device_count=8", "").strip()}
   out = subprocess.run([sys.executable, "-m", "lmstack.pipeline", f"--workdir={workdir}", "--runlocal", *flags],
                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert out.returncode == rc, out.stderr[-3000:]
