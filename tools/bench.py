@@ -6,11 +6,13 @@
   python tools/bench.py --presets=34m --mode=sft --data=corpus      # SFT batches from the real pipeline
   python tools/bench.py --mode=dpo --presets=100m --peft=none,lora --dpo_reference=copy,adapters_off
   python tools/bench.py --mode=decode                     # KV-cache decoding vs recomputing the prefix
+  python tools/bench.py --presets=34m --mode=checkpoint   # how long saving the state holds up the loop
   python tools/bench.py --config=configs/pretrain.py:size=34m --model=remat=full,loss_block=0
 
 Modes: pretrain (next-token loss on every token), sft (a loss mask over the
 last three quarters of each row), lora and qlora (sft with the frozen base,
-rank --lora_rank on all linear layers), dpo and decode. `--presets` or
+rank --lora_rank on all linear layers), dpo, decode and checkpoint (the full
+state saved synchronously and async: the time `save()` takes from the loop). `--presets` or
 `--config` (a stage config; its model and train.batch_size/seq_len unless the
 flags say otherwise) pick the model; `--model=key=value,...` overrides fields
 of it. Each (model, mode) runs in its own process, so the peak host memory
@@ -63,7 +65,7 @@ _STEPS = flags.DEFINE_integer("steps", 8, "Measured steps (after 2 warm-up steps
 _REMAT = flags.DEFINE_string("remat", None, "Rematerialisation policy (default: the model's).")
 _SCAN = flags.DEFINE_enum("scan_layers", "preset", ["preset", "true", "false"], "Scan the layers or unroll them.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Matmul input dtype (default: the model's, bfloat16).")
-_MODE = flags.DEFINE_list("mode", ["pretrain"], "What to measure: pretrain, sft, lora, qlora, dpo, decode.")
+_MODE = flags.DEFINE_list("mode", ["pretrain"], "What to measure: pretrain, sft, lora, qlora, dpo, decode, checkpoint.")
 _DATA = flags.DEFINE_enum("data", "synthetic", ["synthetic", "corpus"],
                           "pretrain/sft batches: random tokens, or the real Grain pipeline over the embedded "
                           "corpus (pretrain) or WordNet SFT examples (sft, lora, qlora).")
@@ -74,6 +76,9 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated p
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "decode: prompt length.")
 _PEFT = flags.DEFINE_list("peft", ["none"], "dpo: methods to train (none: all parameters, lora, qlora, ...).")
 _RANK = flags.DEFINE_integer("lora_rank", 16, "LoRA rank for lora/qlora (all linear layers).")
+_ACCUM = flags.DEFINE_integer("grad_accum", 1, "Split each step's batch into this many micro-batches, run one after "
+                               "another (config.train.grad_accum_steps): the same update, less activation memory.")
+_DONATE = flags.DEFINE_bool("donate", True, "Donate the train state's buffers to the step (false: measure the cost).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON line per result (the per-run processes).")
 _PEAK = flags.DEFINE_list("peaks", [], "bf16,f32 matmul peaks in FLOP/s (given to the per-run processes).")
 _COMPARE_HF = flags.DEFINE_list("compare_hf", [], "Also train the same shapes with transformers+torch: f32 "
@@ -255,6 +260,35 @@ def bench_hf(cfg, batch_size, seq_len, steps, variant, mode="pretrain", rank=16)
   return rows * seq_len / stats.median(times), stats.median(times)
 
 
+def bench_checkpoint(name):
+  """Saving the full training state (parameters + Adam moments) of preset `name`, synchronous and async:
+  how long `save()` holds up the training loop, and when the write is on disk."""
+  import shutil
+  import tempfile
+
+  import jax
+
+  from lmstack import checkpoint
+  from lmstack.train import losses
+
+  state, _ = _setup(name, "none", 1e-4, 0.1, losses.next_token_loss)[3].init()
+  out = {"state_bytes": sum(x.nbytes for x in jax.tree.leaves(state))}
+  for async_save in (False, True):
+    directory = tempfile.mkdtemp(prefix="lmstack-bench-ckpt-")
+    ckpt = checkpoint.Checkpointer(directory, keep=2, async_save=async_save)
+    blocked, written = [], []
+    for step in range(1, 4):
+      t0 = time.perf_counter()
+      ckpt.save(step, state, {}, {"model": {}})
+      blocked.append(time.perf_counter() - t0)
+      ckpt.wait()
+      written.append(time.perf_counter() - t0)
+    ckpt.close()
+    shutil.rmtree(directory)
+    out["async" if async_save else "sync"] = (statistics.median(blocked), statistics.median(written))
+  return out
+
+
 def bench_decode(cfg, batch_size, prompt_len, new_tokens):
   """Greedy decoding tokens/s with the KV cache and by recomputing the prefix."""
   import jax
@@ -303,31 +337,42 @@ def _batches(cfg, mode, batch_size, seq_len):
   return forever()
 
 
-def bench_train(name, mode, peaks):
-  """One (model, mode) run in this process: the result dict."""
-  import jax
+def _setup(name, method, lr, weight_decay, loss_fn):
+  """The model config, mesh, rules, sharded model, batch sharding and jitted train step of one run:
+  preset `name` with PEFT `method` on all local devices (FSDP rules), AdamW at a constant `lr`."""
   import ml_collections
 
   from lmstack import sharding
   from lmstack.model import peft
-  from lmstack.train import losses, optim
+  from lmstack.train import optim
   from lmstack.train.state import init_sharded, jit_train_step
+
+  _, seq_len = shapes()
+  cfg = model_config(name)
+  cfg = dataclasses.replace(cfg, max_seq_len=max(seq_len, cfg.max_seq_len),
+                            peft=peft.PeftConfig(method=method, rank=_RANK.value))
+  mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.resolve_rules("fsdp")
+  ocfg = ml_collections.ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
+                                        decay_fraction=0.2, decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8,
+                                        weight_decay=weight_decay, grad_clip=1.0))
+  tx, schedule = optim.make_optimizer(ocfg, 1000)
+  m = init_sharded(cfg, peft.trainable_pattern(method), tx, mesh, rules, seed=0)
+  data_sh = sharding.batch_sharding(mesh, rules)
+  return cfg, mesh, rules, m, data_sh, jit_train_step(m, loss_fn, tx, schedule, _ACCUM.value, data_sh,
+                                                      donate=_DONATE.value)
+
+
+def bench_train(name, mode, peaks):
+  """One (model, mode) run in this process: the result dict."""
+  import jax
+
+  from lmstack import sharding
+  from lmstack.train import losses
 
   baseline = _current_rss()
   batch_size, seq_len = shapes()
   method = mode if mode in ("lora", "qlora") else "none"
-  cfg = model_config(name)
-  cfg = dataclasses.replace(cfg, max_seq_len=max(seq_len, cfg.max_seq_len),
-                            peft=peft.PeftConfig(method=method, rank=_RANK.value))
-  mesh = sharding.make_mesh((1, -1, 1))
-  rules = sharding.resolve_rules("fsdp")
-  ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
-                                        decay_fraction=0.2, decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8,
-                                        weight_decay=0.1, grad_clip=1.0))
-  tx, schedule = optim.make_optimizer(ocfg, 1000)
-  m = init_sharded(cfg, peft.trainable_pattern(method), tx, mesh, rules, seed=0)
-  data_sh = sharding.batch_sharding(mesh, rules)
-  step = jit_train_step(m, losses.next_token_loss, tx, schedule, 1, data_sh)
+  cfg, mesh, rules, m, data_sh, step = _setup(name, method, 1e-4, 0.1, losses.next_token_loss)
   state, frozen = m.init()
   batches = _batches(cfg, mode, batch_size, seq_len)
   put = lambda b: {k: jax.device_put(v, data_sh) for k, v in b.items()}
@@ -364,7 +409,9 @@ def bench_train(name, mode, peaks):
     fpt += -2 * (cfg.num_params(embeddings=False) + cfg.vocab_size * cfg.d_model) + 6 * trainable
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   param_bytes, frozen_bytes = nbytes(state["params"]), nbytes(frozen)
-  ideal = param_bytes + frozen_bytes + 12 * trainable + activation_bytes(cfg, batch_size, seq_len)
+  ideal = param_bytes + frozen_bytes + 12 * trainable + activation_bytes(cfg, batch_size // _ACCUM.value, seq_len)
+  if _ACCUM.value > 1:  # the gradient accumulator beside the micro-batch's gradients
+    ideal += 4 * trainable
   peak = _peak_rss_since_reset()
   return dict(preset=name, mode=mode, params=cfg.num_params(), trainable=trainable, batch=batch_size, seq=seq_len,
               remat=cfg.remat, compile_s=compile_s, step_median_s=med, step_min_s=min(times), step_max_s=max(times),
@@ -395,27 +442,14 @@ def bench_dpo(name, method="none", reference_mode="copy"):
   import functools
 
   import jax
-  import ml_collections
   import numpy as np
 
   from lmstack import sharding
-  from lmstack.model import peft
-  from lmstack.train import losses, optim, reference
-  from lmstack.train.state import init_sharded, jit_train_step
+  from lmstack.train import losses, reference
 
   batch_size, seq_len = shapes()
   steps = _STEPS.value
-  cfg = model_config(name)
-  cfg = dataclasses.replace(cfg, max_seq_len=max(seq_len, cfg.max_seq_len),
-                            peft=peft.PeftConfig(method=method, rank=_RANK.value))
-  mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.resolve_rules("fsdp")
-  ocfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
-                                        decay_fraction=0.2, decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8,
-                                        weight_decay=0.0, grad_clip=1.0))
-  tx, schedule = optim.make_optimizer(ocfg, 1000)
-  m = init_sharded(cfg, peft.trainable_pattern(method), tx, mesh, rules, seed=0)
-  data_sh = sharding.batch_sharding(mesh, rules)
-  step = jit_train_step(m, functools.partial(losses.dpo_loss, beta=0.1), tx, schedule, 1, data_sh)
+  cfg, mesh, rules, m, data_sh, step = _setup(name, method, 1e-5, 0.0, functools.partial(losses.dpo_loss, beta=0.1))
   ref_logps = reference.make_ref_logps(m, data_sh)
   state, frozen = m.init()
   if reference_mode == "copy":  # a second copy of every starting parameter
@@ -500,9 +534,16 @@ def main(argv):
   del argv
   import jax
   modes = _MODE.value
-  unknown = set(modes) - {"pretrain", "sft", "lora", "qlora", "dpo", "decode"}
+  unknown = set(modes) - {"pretrain", "sft", "lora", "qlora", "dpo", "decode", "checkpoint"}
   if unknown:
     raise SystemExit(f"error: --mode={','.join(modes)}: unknown {sorted(unknown)}")
+  if modes == ["checkpoint"]:
+    print(f"{'preset':>8} {'state MB':>9} {'sync: blocks s':>15} {'async: blocks s':>16} {'async: on disk s':>17}")
+    for name in _PRESETS.value:
+      r = bench_checkpoint(name)
+      print(f"{name:>8} {r['state_bytes'] / 2**20:>9,.0f} {r['sync'][0]:>15.3f} {r['async'][0]:>16.3f} "
+            f"{r['async'][1]:>17.3f}", flush=True)
+    return
   if modes == ["decode"]:
     batch = _BATCH.value or 4
     print(f"greedy decoding, batch {batch}, prompt {_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens")
@@ -524,7 +565,11 @@ def main(argv):
     else:
       print("RESULT " + json.dumps(bench_train(_PRESETS.value[0], modes[0], peaks)), flush=True)
     return
+  if shapes()[0] % _ACCUM.value:
+    raise SystemExit(f"error: --grad_accum={_ACCUM.value} does not divide the batch of {shapes()[0]}")
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+  if _ACCUM.value > 1:
+    print(f"each step: {_ACCUM.value} micro-batches of {shapes()[0] // _ACCUM.value} rows, one optimizer update")
   print(f"matmul peak: {peaks[0] / 1e9:,.1f} GFLOP/s bf16-in/f32-acc, {peaks[1] / 1e9:,.1f} GFLOP/s f32")
   if "dpo" in modes:
     main_dpo(peaks)

@@ -70,14 +70,15 @@ def init_sharded(model_cfg, trainable, tx, mesh, rules, seed):
                       jax.jit(init, out_shardings=(state_sh, frozen_sh)), trainable)
 
 
-def jit_train_step(m, loss_fn, tx, schedule, accum_steps, data_sh, seed=0, guard=step_lib.Guard()):
-  """The train step compiled with explicit shardings and the state donated.
+def jit_train_step(m, loss_fn, tx, schedule, accum_steps, data_sh, seed=0, guard=step_lib.Guard(), donate=True):
+  """The train step compiled with explicit shardings and the state donated
+  (`donate=False` only to measure what donation saves: tools/bench.py --donate=false).
 
   `guard` (`step.Guard.from_config(config.train)`) says which steps skip their update.
   """
   return jax.jit(step_lib.make_train_step(m.graphdef, loss_fn, tx, schedule, accum_steps, seed, guard),
                  in_shardings=(m.state_sh, m.frozen_sh, data_sh), out_shardings=(m.state_sh, m.replicated),
-                 donate_argnums=0)
+                 donate_argnums=0 if donate else ())
 
 
 def with_shardings(abstract, shardings):
