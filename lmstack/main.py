@@ -12,7 +12,6 @@ and exit with status 1. On a TPU pod, a multi-slice job or another cluster,
 """
 
 import re
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -41,20 +40,12 @@ def _one_line(e):
   return re.sub(r"^\w+Error: ", "", last)
 
 
-def fail(message):
-  """Exits with status 1 after one `error:` line on stderr, written in one call so that no other
-  thread's output (Orbax logs its own tracebacks from background threads) lands inside it."""
-  sys.stderr.write(f"error: {message}\n")
-  sys.stderr.flush()
-  sys.exit(1)
-
-
 def parse_flags(argv):
   """absl flag parsing, with bad flags and config overrides as one line."""
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    fail(_one_line(e))
+    console.fail(_one_line(e))
 
 
 def main(argv):
@@ -66,7 +57,7 @@ def main(argv):
   try:
     reason = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
   except LmstackError as e:
-    fail(e)
+    console.fail(e)
   if reason:
     import jax
     print(f"distributed: process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} of "
@@ -75,11 +66,11 @@ def main(argv):
     config = _CONFIG.value
     config.keys()  # config_flags loads the file lazily: force it here
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    fail(_one_line(e))
+    console.fail(_one_line(e))
   try:
     trainer.run(config, _WORKDIR.value)
   except LmstackError as e:
-    fail(e)
+    console.fail(e)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import ast
 import dataclasses
 import importlib
 import json
-import sys
 import time
 
 from absl import app, flags
@@ -245,8 +244,7 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value)
     run(_WORKDIR.value, _RUNLOCAL.value, _OVERRIDE.value, log=lambda m: print(m, flush=True))
   except LmstackError as e:
-    sys.stderr.write(f"error: {e}\n")  # one write: no other thread's output inside the line
-    sys.exit(1)
+    console.fail(e)
 
 
 if __name__ == "__main__":

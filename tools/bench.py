@@ -271,7 +271,8 @@ def bench_checkpoint(name):
   from lmstack import checkpoint
   from lmstack.train import losses
 
-  state, _ = _setup(name, "none", 1e-4, 0.1, losses.next_token_loss)[3].init()
+  model = _setup(name, "none", 1e-4, 0.1, losses.next_token_loss)[3]  # the sharded model and optimizer
+  state, _ = model.init()
   out = {"state_bytes": sum(x.nbytes for x in jax.tree.leaves(state))}
   for async_save in (False, True):
     directory = tempfile.mkdtemp(prefix="lmstack-bench-ckpt-")

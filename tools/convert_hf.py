@@ -35,6 +35,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # pylint: disable=g-import-not-at-top
+from lmstack import console
 from lmstack.errors import ConfigError, LmstackError
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory.")
@@ -106,8 +107,7 @@ def main(argv):
   try:
     run(argv[1])
   except LmstackError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    console.fail(e)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ exported as a Hugging Face directory.
 
 import base64
 import logging
-import sys
 
 from absl import app, flags
 
@@ -47,6 +46,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     for name in ("absl", "jax", "orbax"):
       logging.getLogger(name).setLevel(logging.ERROR)
+  from lmstack import console
   from lmstack.errors import LmstackError
   try:
     _, cfg = merge(_CKPT.value, _OUT.value, _STEP.value)
@@ -56,8 +56,7 @@ def main(argv):
       hf.export_checkpoint(_OUT.value, _HF_OUT.value, dtype=_DTYPE.value)
       print(f"{_HF_OUT.value}: Hugging Face directory ({_DTYPE.value})")
   except LmstackError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    console.fail(e)
 
 
 if __name__ == "__main__":
