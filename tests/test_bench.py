@@ -49,3 +49,10 @@ def test_checkpoint_mode():
   row = lines[lines.index(next(line for line in lines if line.strip().startswith("preset"))) + 1].split()
   state_mb, sync_s, async_s, on_disk_s = map(float, row[1:])
   assert row[0] == "tiny" and state_mb > 0 and sync_s > 0 and 0 < async_s <= on_disk_s
+
+
+def test_grad_accum_that_does_not_divide_the_batch_is_one_line_error():
+  out = subprocess.run([sys.executable, BENCH, "--presets=tiny", "--batch_size=8", "--grad_accum=3", "--peaks=1,1"],
+                       capture_output=True, text=True, check=False, timeout=300)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == "error: --grad_accum=3 does not divide the batch of 8", out.stderr
