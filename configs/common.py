@@ -110,6 +110,7 @@ def mixture_data(weights, tokenizer):
       holdout_every=20,  # every 20th document of a source without eval_files is held out
       chunk_chars=4096,  # JSONL documents are cut at paragraphs into chunks of at most this
       sources=srcs,
+      allow_invalid_text=False,  # read files with NUL bytes or >0.1% invalid UTF-8 (lmstack/data/sources.py)
   ))
 
 

@@ -46,6 +46,7 @@ def get_config(arg=None):
       tfds_train_split="train",
       tfds_eval_split="validation",
       tokenizer=os.path.join(ASSETS, "tokenizer", "default.model"),
+      allow_invalid_text=False,  # read files with NUL bytes or >0.1% invalid UTF-8 (lmstack/data/sources.py)
   ))
 
   config.train = ml_collections.ConfigDict(dict(

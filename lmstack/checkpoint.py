@@ -11,7 +11,10 @@ checkpoint as the newest complete one. Just before the rename, a manifest
 (`manifest.sha256.json`: size and SHA-256 of every file of the three items) is
 written into the temporary directory, so it commits with the checkpoint; a
 restore checks it first, as a flipped byte in an uncompressed array chunk would
-otherwise load silently. A checkpoint that fails its manifest or its restore is
+otherwise load silently. The meta of a local checkpoint records that it has a
+manifest (`"manifest": true`), so one that lacks it is damaged; a checkpoint
+from before manifests (no such field) is checked only by restoring it, and
+named as such. A checkpoint that fails its manifest or its restore is
 skipped for the one before it and renamed `<step>.corrupt-<unix time>` (kept
 for inspection; Orbax neither resumes from it nor counts it towards `keep`).
 A save that fails (a full disk) raises a one-line CheckpointError naming the
@@ -106,6 +109,18 @@ def verify_manifest(step_dir):
   return True
 
 
+def check_manifest(step_dir, meta):
+  """Verifies a step against its manifest, given its meta; returns False for a checkpoint that predates
+  manifests (or lives on gs://), True when verified. Raises CheckpointError when the step differs from
+  its manifest, or lacks the manifest that its meta says was written."""
+  if verify_manifest(step_dir):
+    return True
+  if meta.get("manifest") and not paths.is_remote(step_dir):
+    raise CheckpointError(f"checkpoint {step_dir} lacks its {MANIFEST} (its meta says one was written): "
+                          "its files cannot be verified")
+  return False
+
+
 def _cause(e):
   """The root cause of a failed save as a few words, e.g. "[Errno 28] No space left on device"."""
   seen = e
@@ -130,9 +145,11 @@ class Checkpointer:
     self.directory = paths.as_path(directory)  # local or gs:// (etils.epath), as Orbax takes it
     self.async_save = async_save
     self._saving = None  # the step of the save in flight, if any
-    async_options = ocp.AsyncOptions(post_finalization_callback=self._seal) if async_save else None
+    # Orbax always saves in the background, so that the manifest is written before the commit (Orbax
+    # calls _seal before renaming); a synchronous save just waits for it (`save`).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, async_options=async_options)
+        max_to_keep=keep, enable_async_checkpointing=True, create=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
@@ -160,18 +177,19 @@ class Checkpointer:
     """Starts an (async) save; returns at once when async. Raises CheckpointError
     if this save, or the one before it, fails."""
     self.wait()
+    meta = {**meta, "manifest": not paths.is_remote(self.directory)}  # a local step without one is damaged
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta))
     self._saving = step
     try:
       saved = self.manager.save(step, args=args, force=force)
-      if saved and not self.async_save:
-        self._seal()  # committed already: the manifest follows it
     except Exception as e:  # noqa: BLE001 - a failed write (full disk, EFBIG, EIO) in any layer
       raise self._failed(e) from e
     if not saved:
       self._saving = None
+    elif not self.async_save:
+      self.wait()
     return saved
 
   def read_meta(self, step):
@@ -224,15 +242,16 @@ class Checkpointer:
     is not damage, so it stops the search at once.
 
     Returns:
-      (step, state, data_state, skipped) or None when there is no checkpoint;
-      skipped lists (step directory, where it was moved, why) per damaged step.
+      (step, state, data_state, skipped, verified) or None when there is no
+      checkpoint; skipped lists (step directory, where it was moved, why) per
+      damaged step; verified is False for a checkpoint from before manifests.
     """
     bad = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       where = os.path.join(self.directory, str(step))
       try:
-        verify_manifest(where)
         meta = self.read_meta(step)
+        verified = check_manifest(where, meta)
       except CheckpointError as e:
         bad.append((where, str(e)))
         continue
@@ -251,7 +270,7 @@ class Checkpointer:
         skipped.append((path, aside, reason))
       if skipped:
         self.manager.reload()  # forget the renamed steps: saves resume after `step`
-      return step, state, data_state, skipped
+      return step, state, data_state, skipped, verified
     if bad:
       raise CheckpointError(f"none of the {len(bad)} checkpoints in {self.directory} is intact (newest: "
                             f"{bad[0][1]}); nothing was changed")
@@ -409,7 +428,6 @@ def restore_params(path, mesh=None, rules=None, step=None):
   """
   directory, step = resolve_step_dir(path, step)
   where = os.path.join(directory, str(step))
-  verify_manifest(where)  # a flipped byte would otherwise load silently
   item = "params" if (paths.as_path(where) / "params").is_dir() else "state"
   handlers = {"params": ocp.PyTreeCheckpointHandler(), "state": ocp.PyTreeCheckpointHandler(),
               "meta": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
@@ -419,6 +437,8 @@ def restore_params(path, mesh=None, rules=None, step=None):
       tree = manager.item_metadata(step)[item]
     except Exception as e:  # noqa: BLE001 - any failure here means a damaged checkpoint
       raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from None
+    if not check_manifest(where, meta):  # a flipped byte would otherwise load silently
+      logging.warning("checkpoint %s predates manifests: its files are checked only by restoring them", where)
     model_cfg = _model_config_from_meta(meta.get("model", {}), where)
     tree = getattr(tree, "tree", tree)
     if item == "state":  # training: {"step", "params", "opt_state", "guard"}; params are nnx.State

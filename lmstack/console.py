@@ -1,9 +1,19 @@
-"""Console output of the command-line entry points."""
+"""Console output of the command-line entry points: quiet library logs, one line per failure.
 
+Library logs (Orbax's and absl's, with the tracebacks Orbax's and tensorstore's
+background threads log or print when a save fails) go to
+`WORKDIR/logs/lmstack.log` during a run (`library_logs_to`), not to the
+console, which keeps to progress lines and one `error:` line.
+"""
+
+import contextlib
 import logging
 import sys
+import threading
 
 from absl import flags
+
+from lmstack import errors
 
 
 def quiet_logging():
@@ -16,8 +26,87 @@ def quiet_logging():
 
 
 def fail(message):
-  """Exits with status 1 after one `error:` line on stderr, written in one call so that no other
-  thread's output (Orbax logs its own tracebacks from background threads) lands inside it."""
-  sys.stderr.write(f"error: {message}\n")
+  """Exits after one line on stderr, written in one call so that no other thread's output lands inside it.
+
+  An error exits 1 after `error: <message>`; a Preempted (lmstack.errors) exits EXIT_PREEMPTED after
+  `preempted: <message>`.
+  """
+  status = getattr(message, "exit_status", errors.EXIT_ERROR)
+  word = "preempted" if status == errors.EXIT_PREEMPTED else "error"
+  sys.stderr.write(f"{word}: {message}\n")
   sys.stderr.flush()
-  sys.exit(1)
+  if _LOG_PATH:
+    # After a failed save, tensorstore's threads print "Event loop is closed" tracebacks while the
+    # interpreter shuts down; they belong with Orbax's own report, in the run's log file.
+    try:
+      sys.stderr = open(_LOG_PATH, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    except OSError:
+      pass
+  sys.exit(status)
+
+
+_LOG_PATH = None  # the log file of the last run in this process (library_logs_to)
+
+
+@contextlib.contextmanager
+def library_logs_to(path):
+  """Sends the `absl` logger (Orbax logs through it) and uncaught exceptions of background threads to
+  the file `path` instead of the console, for the duration of the block.
+
+  The file is local (on a gs:// workdir the logs stay on the console). A file that cannot be opened
+  leaves logging as it was.
+  """
+  global _LOG_PATH
+  try:
+    handler = logging.FileHandler(path, encoding="utf-8")
+  except OSError:
+    yield
+    return
+  _LOG_PATH = path
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+  logger = logging.getLogger("absl")
+  old_propagate, old_level, old_hook = logger.propagate, logger.level, threading.excepthook
+  logger.addHandler(handler)
+  logger.propagate = False
+  if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:
+    logger.setLevel(logging.INFO)  # the file keeps what the console does not show
+
+  def thread_hook(args):
+    logger.error("uncaught exception in thread %s", getattr(args.thread, "name", "?"),
+                 exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+  old_stderr = sys.stderr
+  threading.excepthook = thread_hook
+  # After a failed save, tensorstore's threads print "Event loop is closed" tracebacks to sys.stderr,
+  # dozens of them: what background threads write there goes to the file too.
+  sys.stderr = _MainThreadOnly(old_stderr, handler.stream)
+  try:
+    yield
+  finally:
+    threading.excepthook = old_hook
+    sys.stderr = old_stderr
+    logger.removeHandler(handler)
+    logger.propagate = old_propagate
+    logger.setLevel(old_level)
+    handler.close()
+
+
+class _MainThreadOnly:
+  """A text stream that passes the main thread's writes to `console` and other threads' to `other`."""
+
+  def __init__(self, console, other):
+    self._console, self._other = console, other
+
+  def write(self, text):
+    if threading.current_thread() is threading.main_thread():
+      return self._console.write(text)
+    try:
+      return self._other.write(text)
+    except (OSError, ValueError):  # the log file is full or closed: drop it rather than fail the writer
+      return len(text)
+
+  def flush(self):
+    self._console.flush()
+
+  def __getattr__(self, name):  # fileno, isatty, encoding, ...: the console's
+    return getattr(self._console, name)

@@ -5,8 +5,10 @@
 
 The config file is an ml_collections `get_config(arg)`, locked so that a
 mistyped field (`--config.train.setps=1`) is an error, not a silent no-op.
-User errors (a bad flag, a bad config value, LmstackError) print one line
-and exit with status 1. On a TPU pod, a multi-slice job or another cluster,
+User errors (a bad flag, a bad config value, LmstackError) and OS errors
+(a full disk, an unwritable workdir) print one line and exit with status 1; a
+run stopped by SIGTERM exits 75 once saved, and a finished one 0
+(lmstack/errors.py). On a TPU pod, a multi-slice job or another cluster,
 `--distributed=auto` (the default) starts JAX's distributed runtime first
 (lmstack/distributed.py); every host runs this same command.
 """
@@ -17,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lmstack import console
-from lmstack.errors import LmstackError
+from lmstack.errors import LmstackError, os_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (local or gs://).")
@@ -71,6 +73,8 @@ def main(argv):
     trainer.run(config, _WORKDIR.value)
   except LmstackError as e:
     console.fail(e)
+  except OSError as e:  # the workdir, metrics or TensorBoard files: a full disk, a vanished mount
+    console.fail(os_error(e))
 
 
 if __name__ == "__main__":

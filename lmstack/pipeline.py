@@ -36,7 +36,7 @@ from absl import app, flags
 from etils import epath
 
 from lmstack import console, paths
-from lmstack.errors import ConfigError, LmstackError
+from lmstack.errors import ConfigError, LmstackError, os_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +243,10 @@ def main(argv):
   try:
     distributed.initialize(_DISTRIBUTED.value)
     run(_WORKDIR.value, _RUNLOCAL.value, _OVERRIDE.value, log=lambda m: print(m, flush=True))
-  except LmstackError as e:
+  except LmstackError as e:  # Preempted (a SIGTERM, saved) exits 75, an error 1
     console.fail(e)
+  except OSError as e:
+    console.fail(os_error(e))
 
 
 if __name__ == "__main__":

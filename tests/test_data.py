@@ -141,14 +141,39 @@ def test_missing_path_and_empty_corpus(tmp_path):
 
 def test_invalid_utf8_is_replaced_with_one_warning(tmp_path, caplog):
   path = tmp_path / "bad.txt"
-  path.write_bytes(b"caf\xe9 ok\n\nbad \xff\xfe end\n")
+  filler = b"plain text line\n" * 250  # 4,000 bytes: 3 invalid ones are under MAX_INVALID_SHARE
+  path.write_bytes(b"caf\xe9 ok\n\nbad \xff\xfe end\n\n" + filler)
   with caplog.at_level(logging.WARNING):
     docs = sources.text_documents(str(path))
-  assert docs == ["caf\ufffd ok", "bad \ufffd\ufffd end"]
+  assert docs[:2] == ["caf\ufffd ok", "bad \ufffd\ufffd end"]
   warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 1
   assert "bad.txt" in warnings[0].getMessage()
   assert "3 invalid UTF-8 bytes" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("how", ["binary", "nul", "latin1"])
+def test_a_file_that_is_not_text_is_refused_unless_allowed(tmp_path, how):
+  path = tmp_path / "corpus.txt"
+  with open(assets.resolve(assets.DEFAULT_EVAL_FILES), "rb") as f:
+    text = f.read()[:20000]
+  if how == "binary":  # the case: a corpus overwritten by random bytes
+    data = np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+  elif how == "nul":  # one NUL is enough: no text file has one
+    data = text[:10000] + b"\x00" + text[10000:]
+  else:  # text in Latin-1: every accented letter is an invalid UTF-8 byte
+    data = ("Caf\u00e9 cr\u00e8me na\u00efve. " * 200).encode("latin-1")
+  path.write_bytes(data)
+  with pytest.raises(DataError, match=r"corpus.txt does not look like UTF-8 text .*allow_invalid_text=True") as e:
+    sources.text_documents(str(path))
+  assert "\n" not in str(e.value)
+  with sources.invalid_text_allowed():
+    docs = sources.text_documents(str(path))
+  assert docs and any("\ufffd" in d for d in docs) == (how != "nul")
+  # A share just under the limit is read, with the replacement.
+  bad = int(sources.MAX_INVALID_SHARE * len(text)) - 1
+  path.write_bytes(text[:1000] + b"\xff" * bad + text[1000:])
+  assert sum(d.count("\ufffd") for d in sources.text_documents(str(path))) == bad
 
 
 def test_jsonl_source_gz_and_field(tmp_path):

@@ -30,6 +30,7 @@ import pytest
 
 from configs import anneal, dpo, lora, pretrain, sft
 from lmstack.data import datasets
+from lmstack.errors import Preempted
 from lmstack.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,7 @@ def runs(base_run, tmp_path_factory):
     if stage not in cache:
       root = tmp_path_factory.mktemp(stage)
       trainer.run(_config(stage, base_run), str(root / "straight"))
-      with _sigterm_after_step(STOP_AT):
+      with _sigterm_after_step(STOP_AT), pytest.raises(Preempted, match=f"SIGTERM at step {STOP_AT} of "):
         trainer.run(_config(stage, base_run), str(root / "stopped"))
       stopped = _train_metrics(root / "stopped")
       trainer.run(_config(stage, base_run), str(root / "stopped"))  # resumes from step STOP_AT

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from lmstack import distributed, sharding
-from lmstack.errors import CheckpointError, ConfigError
+from lmstack.errors import EXIT_PREEMPTED, CheckpointError, ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,7 +151,7 @@ def _start_two(workdir, steps):
   return procs
 
 
-def _finish(procs):
+def _finish(procs, status=0):
   outs = []
   for p in procs:
     try:
@@ -161,7 +161,7 @@ def _finish(procs):
         q.kill()
       raise
   for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == status, err[-3000:]
   return [out for out, _ in outs]
 
 
@@ -186,7 +186,7 @@ def test_two_processes_train_like_one(tmp_path):
   while time.time() < deadline and len(_losses(two)) < 3 and all(p.poll() is None for p in procs):
     time.sleep(0.1)
   procs[1].send_signal(signal.SIGTERM)
-  first = _finish(procs)
+  first = _finish(procs, status=EXIT_PREEMPTED)  # both processes: saved, resumable
   assert "distributed: process 0 of 2, 4 of 8 devices" in first[0]
   assert "distributed: process 1 of 2" in first[1] and "loss" not in first[1]  # process 0 logs
   stopped = max(_losses(two))

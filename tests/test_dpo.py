@@ -14,9 +14,11 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+import fault_hooks
 from configs import dpo, pretrain
 from lmstack import sharding
 from lmstack.data import datasets, preference
@@ -167,7 +169,12 @@ def test_pairs_become_two_rows_scored_on_the_response(tmp_path, tok):
     for r in range(2):
       n = int(batch["segment_ids"][i, r].sum())
       assert batch["positions"][i, r, :n].tolist() == list(range(n))
-      assert batch["targets"][i, r, n - 1] == tok.eos_id if i == 0 else True
+      scored_at = np.flatnonzero(batch["loss_mask"][i, r])
+      if i == 0:  # plain text: eos ends the row and is scored
+        assert scored_at[-1] == n - 1 and batch["targets"][i, r, n - 1] == tok.eos_id
+      else:  # a chat: the turn's <|im_end|> is scored last; the template's newline after it ends the row
+        assert tok.decode(batch["targets"][i, r, scored_at].tolist()).endswith("<|im_end|>")
+        assert scored_at[-1] == n - 2 and tok.decode([int(batch["targets"][i, r, n - 1])]) == "\n"
 
 
 def test_builtin_pairs_are_real_held_out_and_deterministic():
@@ -289,37 +296,97 @@ def test_three_reference_modes_give_the_same_loss_on_a_batch(tmp_path, tok):
       np.testing.assert_allclose(out[mode][1][2][k], v, rtol=1e-5, atol=1e-6)
 
 
+# Tolerances of the accumulation test, from the arithmetic (u = 2**-24, float32's unit roundoff). With
+# float32 matmul inputs, accumulating micro-batches changes only the order of sums: the pair sums of
+# loss/weight/metrics (16 terms as one sum, or 8 + 8), each weight gradient's sum over the batch's token
+# rows (16 x 2 x 32 = 1024, or 512 + 512, over 8 devices), and, as a CPU may block a matmul differently
+# for fewer rows, the contractions inside a row (d_model 64, mlp 192, the vocabulary's 8192 in the
+# log-sum-exp and the LM head's backward). Two orders of a K-term sum differ by at most 2 K u sum|terms|.
+#  - A row's log-probability: each token's log-sum-exp (positive terms) is off by at most 2 * 8192 u = 2**-10
+#    in absolute value, the rest is far smaller, so a row of at most 32 tokens by 32 * 2**-10 = 2**-5; a
+#    pair's beta * h moves by at most beta * 2 * 2**-5 (-log sigmoid has slope <= beta in h). That bounds
+#    the mean margin and, with the 2 * 16 u of the pair sum, the mean loss. No pair of this batch has
+#    |beta h| that small (the smallest is 0.09), so the reward accuracy must be equal.
+#  - The gradient: each element is off by at most 2 K u sum|c_r| with K <= 8192 terms c_r; sum|c_r| over
+#    |sum c_r| (the cancellation) is 3.2 over this batch's rows, measured once with per-row gradients, and
+#    about 2 in the vocabulary contraction at init; with an allowance of 4, the gradient vector (and so its
+#    norm) is off by at most 2 * 8192 * 4 u = 2**-8 of its norm.
+# In bfloat16 (the model's default) every cast re-rounds: a float32 difference of one ulp can move a bf16
+# input by a whole bf16 ulp (2**-7 relative; bf16's unit roundoff is 2**-8), and the honest bound is a few
+# times 2**-8 per layer, loose enough to hide a dropped micro-batch (measured: 6.7e-5 in the grad norm on
+# AMX, against 2.9e-2 for a dropped one). So the test runs the model in float32: how pairs are split does
+# not depend on the dtype. Measured on a Xeon with AMX-BF16: loss, margins and grad norm equal
+# for 2 micro-batches, the params 2e-5 of their bound; the wrong splits below land 3.8-19x (dropped) and
+# 21-290x (split pairs) outside.
+_U = 2.0 ** -24
+_LOGP_ATOL = 32 * 2 * 8192 * _U  # a row's summed log-probability, absolute
+_GRAD_RTOL = 2 * 8192 * 4 * _U  # the gradient vector, relative to its norm
+
+
 def test_gradient_accumulation_splits_whole_pairs(tmp_path, tok):
-  """Two micro-batches of pairs, sharded over 8 devices, make the same step as one batch."""
+  """Two micro-batches of pairs, sharded over 8 devices, make the same step as one batch.
+
+  The optimizer is plain SGD with lr 1, so that the new parameters carry the gradient itself (AdamW's
+  first step is lr * sign(g) for most elements and would hide a wrong gradient).
+  """
   config = _config(tmp_path)
-  model_cfg = trainer.model_config(config)
+  model_cfg = dataclasses.replace(trainer.model_config(config), dtype="float32")
   mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.resolve_rules("fsdp")
   data_sh = sharding.batch_sharding(mesh, rules)
-  tx, schedule = optim.make_optimizer(config.optim, 10)
+  tx, schedule = optax.sgd(1.0), optim.make_optimizer(config.optim, 10)[1]
   m = init_sharded(model_cfg, config.trainable, tx, mesh, rules, 0)
   batch = next(iter(datasets.make_dataset(config.data, tok, seq_len=32, batch_size=16, seed=0, split="train")))
   batch["ref_logps"] = np.random.default_rng(0).normal(-40, 5, (16, 2)).astype(np.float32)
-  batch = {k: jax.device_put(v, data_sh) for k, v in batch.items()}
-  out = []
+  beta = config.dpo.beta
+  # Wrong splits, fed to a correct one: "split pairs" puts every chosen row in the first micro-batch and
+  # every rejected row in the second (a split along the row axis, not the pair axis); "dropped" keeps only
+  # the first micro-batch (the second one's pairs become padding).
+  split_pairs = {k: v.swapaxes(0, 1).reshape(v.shape) for k, v in batch.items()}
+  first = (np.arange(16) < 8)[:, None, None].astype(batch["loss_mask"].dtype)
+  dropped = {**batch, "loss_mask": batch["loss_mask"] * first}
+  put = lambda b: {k: jax.device_put(v, data_sh) for k, v in b.items()}
   with sharding.use(mesh, rules):
-    for accum in (1, 2):
-      step = jit_train_step(m, losses.make_loss(config), tx, schedule, accum, data_sh)
+    steps = {n: jit_train_step(m, losses.make_loss(config), tx, schedule, n, data_sh) for n in (1, 2)}
+
+    def run(b, accum):
       state, frozen = m.init()
-      state, metrics = step(state, frozen, batch)
-      out.append(jax.device_get((metrics, state["params"])))
-  for k in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies"):
-    np.testing.assert_allclose(out[1][0][k], out[0][0][k], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[1][1], out[0][1])
+      return jax.device_get(steps[accum](state, frozen, put(b)))
+
+    want, got = run(batch, 1), run(batch, 2)
+    wrong = {"split pairs": run(split_pairs, 2), "dropped": run(dropped, 1)}
+
+  def errors(out):
+    """Each difference from the one-batch step over its bound (<= 1: within it)."""
+    (state, metrics), (ref_params, ref) = out, (want[0]["params"], want[1])
+    margin = beta * 2 * _LOGP_ATOL  # per pair, and so for the mean over pairs
+    diff = optax.global_norm(jax.tree.map(lambda a, b: a - b, state["params"], ref_params))
+    # New params are p - g, each rounded (u |p - g|): twice that beside the gradient's own bound.
+    param_bound = _GRAD_RTOL * ref["grad_norm"] + 2 * _U * optax.global_norm(ref_params)
+    return {"loss": abs(metrics["loss"] - ref["loss"]) / (margin + 2 * 16 * _U * ref["loss"]),
+            "rewards/margins": abs(metrics["rewards/margins"] - ref["rewards/margins"]) / margin,
+            "grad_norm": abs(metrics["grad_norm"] - ref["grad_norm"]) / (_GRAD_RTOL * ref["grad_norm"]),
+            "params": float(diff) / float(param_bound)}
+
+  assert float(want[1]["weight"]) == float(got[1]["weight"]) == 16
+  assert float(got[1]["rewards/accuracies"]) == float(want[1]["rewards/accuracies"])
+  assert max(errors(got).values()) <= 1, errors(got)
+  for name, out in wrong.items():  # every bound is tight enough to see either wrong split
+    assert min(errors(out).values()) > 3, (name, errors(out))
 
 
-def test_training_raises_held_out_reward_accuracy(tmp_path):
+def test_training_raises_held_out_reward_accuracy(tmp_path, capsys):
   config = _config(tmp_path, steps=24, log_every=4, eval_every=12, eval_batches=0)
   config.optim.update(lr=1e-3, warmup_steps=2)
   last = trainer.run(config, str(tmp_path / "run"))
   evals = [r for r in _rows(tmp_path / "run") if "eval/rewards/accuracies" in r]
   assert evals[0]["step"] == 0 and evals[0]["eval/rewards/accuracies"] == 0.5  # policy == reference
+  assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # -log sigmoid(0)
   assert last["eval/rewards/accuracies"] > 0.9 and last["eval/rewards/margins"] > 0
   assert last["eval/loss"] < math.log(2) - 0.1
+  # exp of a DPO loss is no perplexity: neither logged nor printed.
+  assert not any(k.endswith("perplexity") for r in _rows(tmp_path / "run") for k in r) and "perplexity" not in last
+  out = capsys.readouterr().out
+  assert "step      0 | eval loss 0.6931 | rewards/" in out and "perplexity" not in out, out
 
 
 # ---------------------------------------------------------------------------
@@ -327,7 +394,8 @@ def test_training_raises_held_out_reward_accuracy(tmp_path):
 
 
 def _main(workdir, arg, *flags, env=None):
-  cmd = [sys.executable, "-m", "lmstack.main", f"--config=configs/dpo.py:{arg}", f"--workdir={workdir}", *flags]
+  main = [fault_hooks.MAIN] if env else ["-m", "lmstack.main"]  # faults come in through the test seam
+  cmd = [sys.executable, *main, f"--config=configs/dpo.py:{arg}", f"--workdir={workdir}", *flags]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})},
                         timeout=600)
 

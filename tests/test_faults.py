@@ -2,9 +2,8 @@
 kill -9, damaged checkpoints, a full disk during a save.
 
 The step-level tests drive `make_train_step` directly with a loss that a batch
-field can poison; the run-level ones use the trainer's fault injection
-(`LMSTACK_FAULT_NAN_STEPS`, `LMSTACK_FAULT_KILL_AT_STEP`), real subprocesses
-and real files. `pytest -s tests/test_faults.py` prints the kill test's table.
+field can poison; the run-level ones inject faults through the trainer's test
+seam (tests/fault_hooks.py), real subprocesses and real files. `pytest -s tests/test_faults.py` prints the kill test's table.
 """
 
 import dataclasses
@@ -32,6 +31,7 @@ from lmstack.errors import CheckpointError, TrainingError
 from lmstack.train import losses, optim, trainer
 from lmstack.train import state as state_lib
 from lmstack.train import step as step_lib
+import fault_hooks
 from test_train import _rows, _train_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,12 +164,18 @@ def _config(**train):
 
 
 def test_fault_steps_parse():
-  assert trainer._parse_steps("3, 5-7,12") == {3, 5, 6, 7, 12} and trainer._parse_steps("") == set()
+  assert fault_hooks.parse_steps("3, 5-7,12") == {3, 5, 6, 7, 12} and fault_hooks.parse_steps("") == set()
 
 
-def test_trainer_skips_nan_steps_and_resumes_the_guard(tmp_path, monkeypatch):
-  monkeypatch.setattr(trainer, "_FAULT_NAN_STEPS", {3})
-  trainer.run(_config(steps=6), str(tmp_path))
+def test_production_trainer_has_no_fault_code():
+  """Fault injection lives behind the test seam (trainer.Hooks), not in the loop."""
+  with open(trainer.__file__, encoding="utf-8") as f:
+    source = f.read()
+  assert "LMSTACK_FAULT" not in source and "os.kill" not in source and "fault_nan" not in source
+
+
+def test_trainer_skips_nan_steps_and_resumes_the_guard(tmp_path):
+  trainer.run(_config(steps=6), str(tmp_path), hooks=fault_hooks.Faults(nan_steps={3}))
   rows = {r["step"]: r for r in _rows(tmp_path) if "train/loss" in r}
   assert sorted(rows) == [1, 2, 3, 4, 5, 6]
   assert [rows[s]["train/skipped"] for s in range(1, 7)] == [0, 0, 1, 0, 0, 0]
@@ -181,12 +187,21 @@ def test_trainer_skips_nan_steps_and_resumes_the_guard(tmp_path, monkeypatch):
   assert int(state["guard"]["total"]) == 1 and int(state["guard"]["count"]) == 5
 
 
-def test_consecutive_skips_stop_the_run_and_keep_the_checkpoints(tmp_path, monkeypatch):
-  monkeypatch.setattr(trainer, "_FAULT_NAN_STEPS", set(range(3, 100)))
+def test_nan_steps_with_evaluation_finish(tmp_path):
+  """The eval step takes the plain loss: a run with NaN train steps evaluates (it crashed with KeyError)."""
+  config = _config(steps=4)
+  config.train.update(eval_every=2, eval_batches=2)
+  last = trainer.run(config, str(tmp_path), hooks=fault_hooks.Faults(nan_steps={1}))
+  assert np.isfinite(last["eval/loss"])
+  evals = [r for r in _rows(tmp_path) if "eval/loss" in r]
+  assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["eval/loss"]) for r in evals)
+
+
+def test_consecutive_skips_stop_the_run_and_keep_the_checkpoints(tmp_path):
   # log_every 10: the trip (at step 5) is first seen at the save of step 6, which it prevents.
   config = _config(steps=10, log_every=10, max_consecutive_skips=3)
   with pytest.raises(TrainingError) as e:
-    trainer.run(config, str(tmp_path))
+    trainer.run(config, str(tmp_path), hooks=fault_hooks.Faults(nan_steps=range(3, 100)))
   message = str(e.value)
   assert "\n" not in message
   assert re.fullmatch(r"stopped at step 6: 3 steps in a row were skipped, up to step 5 \(.*\); the last good "
@@ -196,10 +211,9 @@ def test_consecutive_skips_stop_the_run_and_keep_the_checkpoints(tmp_path, monke
     assert ckpt_lib.verify_manifest(str(tmp_path / "checkpoints" / str(step)))
 
 
-def test_nonfinite_loss_stops_without_skipping(tmp_path, monkeypatch):
-  monkeypatch.setattr(trainer, "_FAULT_NAN_STEPS", {3})
+def test_nonfinite_loss_stops_without_skipping(tmp_path):
   with pytest.raises(FloatingPointError, match="loss is nan at step 3; the last good checkpoint is step 2"):
-    trainer.run(_config(steps=4, skip_nonfinite=False), str(tmp_path))
+    trainer.run(_config(steps=4, skip_nonfinite=False), str(tmp_path), hooks=fault_hooks.Faults(nan_steps={3}))
 
 
 # ---------------------------------------------------------------------------
@@ -268,6 +282,44 @@ def test_flipped_byte_loads_silently_without_the_manifest(tmp_path):
   os.remove(os.path.join(step_dir, ckpt_lib.MANIFEST))
   after = _host(ckpt_lib.Checkpointer(tmp_path / "checkpoints").manager.restore(2)["state"])
   assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) == 1  # one array silently changed
+  # So a checkpoint of this version without its manifest is damaged, for restore_params as for a resume.
+  with pytest.raises(CheckpointError, match="lacks its manifest.sha256.json"):
+    ckpt_lib.restore_params(step_dir)
+
+
+def test_checkpoint_without_its_manifest_is_skipped(tmp_path, capsys):
+  """The issue's case: manifest deleted and a byte flipped; the resume must not take that step."""
+  config = _config(steps=4)
+  config.optim.schedule = "constant"
+  trainer.run(config, str(tmp_path))
+  bad = tmp_path / "checkpoints" / "4"
+  damage(str(bad), "flip")
+  os.remove(bad / ckpt_lib.MANIFEST)
+  capsys.readouterr()
+  config.train.steps = 6
+  trainer.run(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert re.search(rf"warning: skipped checkpoint {bad}, moved to {bad}.corrupt-\d+: checkpoint {bad} lacks its "
+                   r"manifest.sha256.json \(its meta says one was written\)", out), out
+  assert f"resumed from {tmp_path / 'checkpoints' / '2'}\n" in out
+
+
+def test_checkpoint_from_before_manifests_is_named_once(tmp_path, capsys):
+  """A checkpoint whose meta has no "manifest" field (older lmstack) resumes, with one warning saying so."""
+  config = _config(steps=2)
+  trainer.run(config, str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "2"
+  os.remove(step_dir / ckpt_lib.MANIFEST)
+  meta_file = step_dir / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  del meta["manifest"]  # as written before manifests existed
+  meta_file.write_text(json.dumps(meta))
+  capsys.readouterr()
+  config.train.steps = 3
+  trainer.run(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert out.count("predates manifests") == 1, out
+  assert f"warning: checkpoint {step_dir} predates manifests" in out and f"resumed from {step_dir}\n" in out
 
 
 def test_checkpoint_without_guard_state_resumes(tmp_path):
@@ -278,8 +330,8 @@ def test_checkpoint_without_guard_state_resumes(tmp_path):
   ckpt.close()
   assert ckpt_lib.verify_manifest(str(tmp_path / "checkpoints" / "3")) is True  # sync saves get one too
   target = ckpt_lib.abstract_like({**old, "guard": step_lib.init_guard()})
-  step, state, data, skipped = ckpt_lib.Checkpointer(tmp_path / "checkpoints").restore_newest(target)
-  assert (step, data, skipped) == (3, {"position": 7}, [])
+  step, state, data, skipped, verified = ckpt_lib.Checkpointer(tmp_path / "checkpoints").restore_newest(target)
+  assert (step, data, skipped, verified) == (3, {"position": 7}, [], True)
   assert {k: int(v) for k, v in state["guard"].items()} == {k: 0 for k in step_lib.init_guard()}
   np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.arange(6.0))
 
@@ -411,9 +463,11 @@ def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path):
   # The state's array files are megabytes; metrics and logs stay far below 256 KB.
   full = _main(tmp_path, "--config.train.steps=4", *flags, preexec_fn=_limit_file_size(256 * 1024))
   assert full.returncode == 1, full.stderr[-3000:]
-  # One line of ours; Orbax's threads log their own tracebacks around it (asynchronously, so before or after).
-  errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+  # One line, and only that: Orbax's and tensorstore's tracebacks go to the run's log file.
+  errors = full.stderr.splitlines()
   assert len(errors) == 1, full.stderr[-3000:]
+  with open(tmp_path / "logs" / "lmstack.log", encoding="utf-8") as f:
+    assert "File too large" in f.read()
   assert re.fullmatch(r"error: saving checkpoint .*/checkpoints/4 failed \(\[Errno 27\] File too large\); the "
                       r"previous checkpoint, step 2, is kept", errors[0]), errors
   assert _complete_steps(tmp_path / "checkpoints") == [2]

@@ -50,6 +50,11 @@ def test_bad_override_values(field, value, message):
     pipeline.set_field(pretrain.get_config("runlocal"), field, value)
 
 
+def _read_rows(workdir):
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def _pipeline(workdir, *flags, rc=0):
   # One CPU device (not conftest's 8): compiling for one is faster, and the stages need no mesh.
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
@@ -79,7 +84,12 @@ def test_tiny_pipeline_hands_off_each_stage_and_skips_when_done(tmp_path):
     prev = str(step_dir)
   assert "--config=configs/lora.py:init_from=" in stages[2]["command"]
   dpo = stages[3]["final"]
-  assert dpo["start/rewards/accuracies"] == 0.5 and 0 <= dpo["eval/rewards/accuracies"] <= 1
+  assert dpo["start/rewards/accuracies"] == 0.5 and dpo["start/rewards/margins"] == 0  # policy == reference
+  assert dpo["eval/rewards/margins"] != 0  # and after 4 steps it is not
+  dpo_evals = [r for r in _read_rows(tmp_path / "dpo") if "eval/loss" in r]
+  assert [r["step"] for r in dpo_evals] == [0, 2, 4]  # eval_at_start, then eval_every=2
+  assert {k: dpo[k] for k in dpo if k.startswith("eval/")} == {k: v for k, v in dpo_evals[-1].items()
+                                                                 if k.startswith("eval/")}
   assert "total wall time" in out and "rewards/accuracies" in out.splitlines()[-2]
 
   # The same command again: every stage is done, nothing trains.

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import fault_hooks
 from configs import lora, pretrain, sft
 from lmstack import checkpoint as ckpt_lib
 from lmstack.data import sft as sft_data
@@ -121,7 +122,8 @@ def test_train_split_resumes_exactly(tok):
 
 
 def _run(workdir, config_arg, *flags, env=None, config="configs/sft.py"):
-  cmd = [sys.executable, "-m", "lmstack.main", f"--config={config}:{config_arg}", f"--workdir={workdir}", *flags]
+  main = [fault_hooks.MAIN] if env else ["-m", "lmstack.main"]  # faults come in through the test seam
+  cmd = [sys.executable, *main, f"--config={config}:{config_arg}", f"--workdir={workdir}", *flags]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})},
                         timeout=600)
 

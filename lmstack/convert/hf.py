@@ -83,7 +83,7 @@ import safetensors.numpy
 
 # model_from_params and load_params_checkpoint are re-exported: import and export are used with them.
 from lmstack.checkpoint import (abstract_params, first_line, flatten_tree, model_from_params,  # noqa: F401
-                                restore_params as load_params_checkpoint, tree_get, tree_set)
+                                restore_params as load_params_checkpoint, tree_get, tree_set, write_manifest)
 from lmstack.data import tokenizer as tokenizer_lib
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.model import peft
@@ -520,13 +520,14 @@ def save_params_checkpoint(path, params, model_cfg, source=None, hf_config=None,
     raise CheckpointError(f"{path} already exists and is not empty; choose a new output directory")
   if isinstance(params, nnx.State):
     params = nnx.to_pure_dict(params)
-  meta = {"model": dataclasses.asdict(model_cfg), "source": source, "hf_config": hf_config}
+  meta = {"model": dataclasses.asdict(model_cfg), "source": source, "hf_config": hf_config, "manifest": True}
   if tokenizer is not None:
     meta["tokenizer_model"] = base64.b64encode(tokenizer.to_bytes()).decode("ascii")
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   with ocp.CheckpointManager(path, options=options) as manager:
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
+  write_manifest(os.path.join(path, "0"))  # restore_params verifies it (and, as meta says, expects it)
   return path
 
 

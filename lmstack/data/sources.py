@@ -19,13 +19,19 @@ hosts because nothing is tokenized during training.
 
 Bad input raises `DataError` with one line naming the file: a path or glob
 that matches nothing, a JSONL line that is not JSON or lacks the field, a
-corpus without a single non-empty document. Invalid UTF-8 is *not* an error:
-bad bytes (and, in JSONL, escapes of lone surrogates) are replaced with U+FFFD
-and one warning per file gives the count, because one stray byte in a multi-GB
-crawl should not kill a training run.
+corpus without a single non-empty document. A few invalid UTF-8 bytes are
+*not* an error: they (and, in JSONL, escapes of lone surrogates) are replaced
+with U+FFFD and one warning per file gives the count, because one stray byte in
+a multi-GB crawl should not kill a training run. A file that does not look like
+text is refused: one with NUL bytes, or with more than MAX_INVALID_SHARE of its
+bytes invalid UTF-8 (a binary file, or text in another encoding such as
+Latin-1). `config.data.allow_invalid_text=True` (the `invalid_text_allowed`
+context) reads such files anyway, with the replacement.
 """
 
 from collections.abc import Sequence
+import contextlib
+import contextvars
 import glob
 import gzip
 import json
@@ -45,6 +51,12 @@ from lmstack.errors import DataError
 # (about 1,000 tokens, one long training row) keeps hundreds of shuffle units in
 # such files, while real paragraphs, far shorter than 4 KB, are never cut.
 MAX_DOC_CHARS = 4096
+
+# Above this share of invalid UTF-8 bytes a file is not text (or not UTF-8): 1 in 1,000. Real UTF-8
+# corpora with stray bytes sit far below it (a mis-encoded byte every few pages), while Latin-1 prose has
+# about 1-3 % non-ASCII bytes and a binary file mostly invalid ones.
+MAX_INVALID_SHARE = 1e-3
+_ALLOW_INVALID = contextvars.ContextVar("allow_invalid_text", default=False)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SURROGATE_ESCAPES = re.compile("[\udc80-\udcff]")
@@ -86,10 +98,22 @@ def expand_paths(paths: PathsArg, *, what: str = "data file") -> list[str]:
   return files
 
 
+@contextlib.contextmanager
+def invalid_text_allowed(allowed: bool = True):
+  """Within the block, read_text accepts files that do not look like text (see the module docstring)."""
+  token = _ALLOW_INVALID.set(bool(allowed))
+  try:
+    yield
+  finally:
+    _ALLOW_INVALID.reset(token)
+
+
 def read_text(path: str) -> str:
   """Reads a UTF-8 file (`.gz` too), replacing invalid bytes with U+FFFD.
 
-  A leading BOM is dropped and CRLF line ends become "\\n".
+  A leading BOM is dropped and CRLF line ends become "\\n". A file with NUL
+  bytes or more than MAX_INVALID_SHARE invalid bytes raises DataError unless
+  `invalid_text_allowed`.
   """
   try:
     if path.endswith(".gz"):
@@ -100,6 +124,7 @@ def read_text(path: str) -> str:
         data = f.read()
   except (OSError, EOFError) as e:
     raise DataError(f"cannot read {path}: {e}") from None
+  num_bad = 0
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError:
@@ -107,6 +132,13 @@ def read_text(path: str) -> str:
     # exact count; "replace" would merge a bad sequence into one U+FFFD.
     text = data.decode("utf-8", errors="surrogateescape")
     text, num_bad = _SURROGATE_ESCAPES.subn("\ufffd", text)
+  num_nul = data.count(0)
+  if (num_nul or num_bad > MAX_INVALID_SHARE * len(data)) and not _ALLOW_INVALID.get():
+    what = (f"{num_nul:,} NUL bytes" if num_nul else
+            f"{num_bad:,} of its {len(data):,} bytes ({num_bad / len(data):.1%}) are not UTF-8")
+    raise DataError(f"{path} does not look like UTF-8 text ({what}; the limit is {MAX_INVALID_SHARE:.1%} "
+                    "invalid and no NUL); set config.data.allow_invalid_text=True to read it anyway")
+  if num_bad:
     logging.warning(
         "%s: %d invalid UTF-8 bytes replaced with U+FFFD", path, num_bad
     )

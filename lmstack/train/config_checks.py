@@ -96,6 +96,7 @@ FIELDS = {
     "mesh.rules": (_mesh_rules, f"{', '.join(sharding.RULES)} or a list of (logical axis, mesh axes) pairs"),
     "data.kind?": _STR,
     "data.tokenizer": (lambda v: isinstance(v, str) and v.strip(), "a tokenizer path"),
+    "data.allow_invalid_text?": _BOOL,
     "dpo.beta?": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "dpo.label_smoothing?": (_in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
     "dpo.variant?": _STR,

@@ -7,9 +7,17 @@ A stage is a config: its data (`config.data`), loss (`config.loss`, a name in
 parameter paths; the rest is frozen) and schedule (`config.optim`). Re-running
 the same command resumes from the newest checkpoint in `workdir/checkpoints`,
 data order included.
+
+Everything the run will read (train and eval data, tokenizer, init_from, the
+DPO reference, the workdir's writability) is opened and checked before the
+first step, so a bad input never costs a checkpoint. SIGTERM (a TPU
+maintenance event), from the start of `run` on, saves the current step and
+raises `Preempted` (exit status 75 from `lmstack.main`).
 """
 
+import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -24,10 +32,10 @@ import numpy as np
 from flax import nnx
 
 from lmstack import checkpoint as ckpt_lib
-from lmstack import distributed, paths, sharding
-from lmstack.data import datasets, pipeline
+from lmstack import console, distributed, errors, paths, sharding
+from lmstack.data import datasets, pipeline, sources
 from lmstack.data.tokenizer import load_tokenizer
-from lmstack.errors import CheckpointError, ConfigError, DataError, TrainingError
+from lmstack.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from lmstack.metrics import MetricWriter, measure_peak_flops
 from lmstack.model import peft as peft_lib
 from lmstack.model.peft import PeftConfig
@@ -88,39 +96,25 @@ def validate(config, model_cfg, n_devices):
     raise ConfigError(f"config.trainable={config.trainable!r} is not a regular expression: {e}") from e
 
 
-# Tests kill the process at a chosen step (right after that step's checkpoint
-# save has *started*, so the kill may land mid-save) to prove resumption.
-_FAULT_KILL_AT_STEP = int(os.environ.get("LMSTACK_FAULT_KILL_AT_STEP", "0"))
+class Hooks:
+  """The trainer's test seam: the default changes nothing.
 
+  Fault injection (tests/fault_hooks.py: NaN steps inside the compiled step, a
+  SIGKILL right after a save starts) goes through it, so the production loop
+  holds no fault code.
+  """
 
-def _parse_steps(spec):
-  """"3,5-7" -> {3, 5, 6, 7}."""
-  steps = set()
-  for part in filter(None, spec.replace(" ", "").split(",")):
-    lo, _, hi = part.partition("-")
-    steps.update(range(int(lo), int(hi or lo) + 1))
-  return steps
+  def train_loss(self, loss_fn):
+    """The loss the train step differentiates (the eval step always uses the plain one)."""
+    return loss_fn
 
+  def train_batch(self, step, batch):
+    """Step `step`'s (1-based) host batch, before it is put on the devices."""
+    del step
+    return batch
 
-# Fault injection for tests, like the kill above: the steps (1-based, "3,5-7")
-# whose loss, and so gradients, are NaN inside the compiled step, as a bad batch
-# or a numerical blow-up would make them. The step's guard should skip them.
-_FAULT_NAN_STEPS = _parse_steps(os.environ.get("LMSTACK_FAULT_NAN_STEPS", ""))
-
-
-def _with_nan_fault(loss_fn):
-  """`loss_fn` made NaN on batches whose "fault_nan" flag is set."""
-  def loss(model, batch, rng):
-    batch = dict(batch)
-    poisoned = batch.pop("fault_nan").max() > 0
-    loss_sum, weight, metrics = loss_fn(model, batch, rng)
-    return jnp.where(poisoned, jnp.nan, 1.0) * loss_sum, weight, metrics
-  return loss
-
-
-def _nan_fault_flag(batch, poisoned):
-  """A host batch with a "fault_nan" flag shaped like its first field, so it shards as the batch does."""
-  return {**batch, "fault_nan": np.full(np.shape(next(iter(batch.values()))), float(poisoned), np.float32)}
+  def after_step(self, step):
+    """Called after step `step` is done, logged and (maybe) its save started."""
 
 
 class _Preemption:
@@ -195,6 +189,33 @@ def _load_init_from(path, model_cfg, tokenizer, m, state, frozen, fresh, mesh, r
   return state, frozen
 
 
+def prepare_workdir(workdir):
+  """The workdir as a path (local or gs://), created and, if local, proven writable; else one ConfigError."""
+  path = paths.as_path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    if not paths.is_remote(path):
+      probe = path / f".write-test-{os.getpid()}"
+      probe.write_text("")
+      probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not a writable directory ({errors.os_error(e)})") from None
+  return path
+
+
+def probe(dataset, what):
+  """Reads the first batch of `dataset` with an iterator of its own (closed after), so that a missing,
+  empty or malformed file fails now; a split with no batch at all is a one-line DataError naming `what`."""
+  it = iter(dataset)
+  try:
+    next(it)
+  except StopIteration:
+    raise DataError(f"{what} produced no batch") from None
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+
+
 def evaluate(eval_step, params, frozen, eval_ds, put, max_batches):
   """(mean held-out loss, {metric: mean}) over up to `max_batches` batches (0: the whole split)."""
   loss_sum, weight, sums = 0.0, 0.0, {}
@@ -209,8 +230,20 @@ def evaluate(eval_step, params, frozen, eval_ds, put, max_batches):
   return loss_sum / weight, {k: v / weight for k, v in sums.items()}
 
 
-def run(config, workdir):
-  """Trains `config` in `workdir`; returns the last logged metrics."""
+def run(config, workdir, hooks=None):
+  """Trains `config` in `workdir`; returns the last logged metrics.
+
+  Raises LmstackError (one line) for bad input, and Preempted once a SIGTERM's
+  step is saved (or, before the first step, when nothing has changed).
+  `hooks` (a Hooks) is the test seam.
+  """
+  hooks = hooks or Hooks()
+  with contextlib.ExitStack() as stack:
+    preempt = stack.enter_context(_Preemption())  # from the start: a SIGTERM during init or compile counts
+    return _run(config, workdir, hooks, preempt, stack)
+
+
+def _run(config, workdir, hooks, preempt, stack):
   model_cfg = model_config(config)
   validate(config, model_cfg, jax.device_count())
   t = config.train
@@ -221,13 +254,35 @@ def run(config, workdir):
     raise ConfigError(f"config.train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} "
                       f"is not divisible by the {batch_axes} devices on the mesh's batch axes")
 
+  workdir = prepare_workdir(workdir)  # local or gs://, one API (etils.epath)
+  if not paths.is_remote(workdir):  # Orbax's own logs (and its threads' tracebacks) go to a file, not the console
+    (workdir / "logs").mkdir(exist_ok=True)
+    name = "lmstack.log" if jax.process_count() == 1 else f"lmstack-{jax.process_index()}.log"
+    stack.enter_context(console.library_logs_to(os.fspath(workdir / "logs" / name)))
+  stack.enter_context(sources.invalid_text_allowed(config.data.get("allow_invalid_text", False)))
   tokenizer = load_tokenizer(config.data.tokenizer)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise DataError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} pieces but "
                     f"config.model.vocab_size={model_cfg.vocab_size}; its ids would index past the embedding")
-  workdir = paths.as_path(workdir)  # local or gs://, one API (etils.epath)
-  workdir.mkdir(parents=True, exist_ok=True)
   writer = MetricWriter(workdir, t.steps, tensorboard=t.tensorboard)
+  stack.callback(writer.close)
+
+  # ---- Data: every split the run will read, opened and probed now ----
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  local_batch = t.batch_size // jax.process_count()
+  make = functools.partial(datasets.make_dataset, config.data, tokenizer, seq_len=t.seq_len,
+                           batch_size=local_batch, seed=config.seed, **shard)
+  train_data = make(split="train")
+  probe(train_data, "the train split (config.data.train_files)")
+  train_iter = iter(train_data)
+  eval_data = None
+  if t.eval_every:  # re-iterable: each evaluation reads it from the start
+    eval_data = make(split="eval")
+    probe(eval_data, "the held-out split (config.data.eval_files)")
+  data_sh = sharding.batch_sharding(mesh, rules)
+
+  def put(batch):
+    return {k: jax.make_array_from_process_local_data(data_sh, np.asarray(v)) for k, v in batch.items()}
 
   # ---- Model: born sharded from an abstract shape ----
   tx, schedule = optim.make_optimizer(config.optim, t.steps)
@@ -242,17 +297,6 @@ def run(config, workdir):
   n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_frozen))
   writer.info(f"model: {n_params:,} trainable + {n_frozen:,} frozen parameters; mesh {dict(mesh.shape)}; "
               f"rules {config.mesh.rules}")
-
-  # ---- Data ----
-  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  local_batch = t.batch_size // jax.process_count()
-  train_ds = datasets.make_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-                                      seed=config.seed, split="train", **shard)
-  train_iter = iter(train_ds)
-  data_sh = sharding.batch_sharding(mesh, rules)
-
-  def put(batch):
-    return {k: jax.make_array_from_process_local_data(data_sh, np.asarray(v)) for k, v in batch.items()}
 
   # ---- Init or resume ----
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
@@ -273,12 +317,15 @@ def run(config, workdir):
     abstract_state = with_shardings(m.abstract_state, state_sh)
     del state  # free the fresh init before the restore allocates
     # The newest intact checkpoint: a truncated or corrupt one is skipped and renamed aside.
-    step_ckpt, state, data_state, skipped = ckpt.restore_newest(abstract_state, lambda meta, where: (
+    step_ckpt, state, data_state, skipped, verified = ckpt.restore_newest(abstract_state, lambda meta, where: (
         ckpt_lib.check_compatible(meta, dataclasses.asdict(model_cfg), tokenizer.to_bytes(), where)))
     for path, aside, reason in skipped:
       writer.info(f"warning: skipped checkpoint {path}, moved to {aside}: {reason}")
+    where = os.path.join(ckpt.directory, str(step_ckpt))
+    if not verified and not paths.is_remote(where):
+      writer.info(f"warning: checkpoint {where} predates manifests: its files are checked only by restoring it")
     train_iter.set_state(distributed.restore_data_state(data_state))
-    writer.info(f"resumed from {os.path.join(ckpt.directory, str(step_ckpt))}")
+    writer.info(f"resumed from {where}")
   start = int(state["step"])
 
   # ---- Preference losses: the reference model's log-probabilities join every batch ----
@@ -299,20 +346,17 @@ def run(config, workdir):
 
   # ---- Compile the step ----
   loss_fn = losses.make_loss(config)
-  if _FAULT_NAN_STEPS:
-    loss_fn = _with_nan_fault(loss_fn)
   guard = step_lib.Guard.from_config(t)
-  train_step = jit_train_step(m, loss_fn, tx, schedule, t.grad_accum_steps, data_sh, config.seed, guard)
+  train_step = jit_train_step(m, hooks.train_loss(loss_fn), tx, schedule, t.grad_accum_steps, data_sh,
+                              config.seed, guard)
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(param_sh, frozen_sh, data_sh),
                       out_shardings=replicated)
-
-  def eval_ds():
-    return datasets.make_dataset(config.data, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-                                 seed=config.seed, split="eval", **shard)
 
   peak = t.peak_flops if t.peak_flops >= 0 else measure_peak_flops()
   tokens_per_step = t.batch_size * t.seq_len * datasets.rows_per_example(config.data)
   flops_per_step = model_cfg.flops_per_token(t.seq_len) * tokens_per_step
+  # Perplexity is exp of a next-token loss; a preference loss (log 2 at the start) has none.
+  has_perplexity = not losses.is_preference(config.loss)
   last = {}
 
   def check_guard(step_no):
@@ -331,14 +375,21 @@ def run(config, workdir):
     check_guard(step_no)  # a tripped state is never saved: resuming it would stop at once
     ckpt.save(step_no, state, distributed.data_state_to_save(train_iter.get_state()), meta, force=force)
 
+  def held_out():
+    loss, metrics = evaluate(eval_step, state["params"], frozen, eval_data, put_eval, t.eval_batches)
+    return {"loss": loss, **({"perplexity": math.exp(min(loss, 50))} if has_perplexity else {}), **metrics}
+
   def log_eval(step_no):
-    loss, metrics = evaluate(eval_step, state["params"], frozen, eval_ds(), put_eval, t.eval_batches)
-    writer.write(step_no, {"loss": loss, "perplexity": math.exp(min(loss, 50)), **metrics}, prefix="eval/")
-    writer.info(f"step {step_no:>6d} | eval loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}"
-                + "".join(f" | {k} {v:.4f}" for k, v in metrics.items()))
+    scalars = held_out()
+    writer.write(step_no, scalars, prefix="eval/")
+    writer.info(f"step {step_no:>6d} | eval " + " | ".join(f"{k} {v:.4f}" if k != "perplexity" else f"{k} {v:.2f}"
+                                                          for k, v in scalars.items()))
 
   # ---- The loop ----
-  with sharding.use(mesh, rules), _Preemption() as preempt:
+  with sharding.use(mesh, rules):
+    if distributed.any_process(preempt.requested):  # SIGTERM during init or restore: nothing has changed
+      ckpt.close()
+      raise Preempted(f"SIGTERM before step {start + 1}; nothing new to save ({_resume_hint(ckpt)})")
     if start >= t.steps:
       writer.info(f"{workdir} is already at step {start} of {t.steps}; nothing to train")
     if start == 0 and t.eval_every and t.get("eval_at_start", False):
@@ -346,10 +397,7 @@ def run(config, workdir):
     tic, tic_step = time.perf_counter(), start
     skipped_before = int(jax.device_get(state["guard"]["total"]))
     for step_no in range(start, t.steps):
-      batch = next(train_iter)
-      if _FAULT_NAN_STEPS:
-        batch = _nan_fault_flag(batch, step_no + 1 in _FAULT_NAN_STEPS)
-      batch = put_train(batch)
+      batch = put_train(hooks.train_batch(step_no + 1, next(train_iter)))
       state, metrics = train_step(state, frozen, batch)
       done = step_no + 1
       if done % t.log_every == 0 or done == t.steps or done == start + 1:
@@ -379,30 +427,36 @@ def run(config, workdir):
         tic, tic_step = time.perf_counter(), done  # keep eval time out of tokens/s
       if done % t.checkpoint_every == 0 or done == t.steps:
         save(done)
-      if done == _FAULT_KILL_AT_STEP:  # fault injection: SIGKILL, as a crash or OOM-kill would
-        os.kill(os.getpid(), signal.SIGKILL)
+      hooks.after_step(done)
       if distributed.any_process(preempt.requested):  # all processes stop at the same step
-        preempt.requested = True
         writer.info(f"SIGTERM: saving step {done} and stopping")
         if done % t.checkpoint_every and done != t.steps:
           save(done, force=True)
-        break
+        ckpt.close()
+        raise Preempted(f"SIGTERM at step {done} of {t.steps}; saved {os.path.join(ckpt.directory, str(done))} "
+                        "(re-run the same command to resume)")
     ckpt.close()
 
     # ---- Final held-out evaluation ----
-    if t.eval_every and not preempt.requested:
-      loss, metrics = evaluate(eval_step, state["params"], frozen, eval_ds(), put_eval, t.eval_batches)
-      final = {"loss": loss, "perplexity": math.exp(min(loss, 50)), **metrics}
+    if t.eval_every:
+      final = held_out()
+      loss, metrics = final["loss"], {k: v for k, v in final.items() if k not in ("loss", "perplexity")}
       if t.report_unigram:
         final["unigram_entropy"] = pipeline.unigram_cross_entropy(
             pipeline.split_tokens(config.data, tokenizer, "train"),
             pipeline.split_tokens(config.data, tokenizer, "eval"), tokenizer.vocab_size)
       writer.write(int(state["step"]), final, prefix="eval/")
-      msg = f"final held-out loss {loss:.4f} nats/token (perplexity {final['perplexity']:.2f})"
+      msg = f"final held-out loss {loss:.4f}" + (f" nats/token (perplexity {final['perplexity']:.2f})"
+                                                 if has_perplexity else "")
       if "unigram_entropy" in final:
         msg += f"; unigram entropy of the corpus {final['unigram_entropy']:.4f} nats/token"
       writer.info(msg + "".join(f"; {k} {v:.4f}" for k, v in metrics.items()))
       last.update({f"eval/{k}": v for k, v in final.items()})
-  writer.close()
   logging.info("done: %s", workdir)
   return last
+
+
+def _resume_hint(ckpt):
+  latest = ckpt.latest_step()
+  return (f"the newest checkpoint is {os.path.join(ckpt.directory, str(latest))}" if latest is not None
+          else "no checkpoint yet") + "; re-run the same command to resume"
