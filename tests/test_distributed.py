@@ -201,8 +201,9 @@ def test_two_processes_train_like_one(tmp_path):
                        capture_output=True, text=True, timeout=400, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert ref.returncode == 0, ref.stderr[-3000:]
 
-  # One set of metrics files, from process 0.
-  assert sorted(os.listdir(two)) == ["checkpoints", "metrics.jsonl", "tb"]
+  # One set of metrics files, from process 0; a library log per process.
+  assert sorted(os.listdir(two)) == ["checkpoints", "logs", "metrics.jsonl", "tb"]
+  assert sorted(os.listdir(two / "logs")) == ["lmstack-0.log", "lmstack-1.log"]
   assert len(os.listdir(two / "tb")) == 2  # one events file per start
   steps = list(range(1, stopped + 3))
   assert sorted(_losses(two)) == sorted(_losses(tmp_path / "one")) == steps
