@@ -36,10 +36,15 @@ def fail(message):
   sys.stderr.write(f"{word}: {message}\n")
   sys.stderr.flush()
   if _LOG_PATH:
-    # After a failed save, tensorstore's threads print "Event loop is closed" tracebacks while the
-    # interpreter shuts down; they belong with Orbax's own report, in the run's log file.
+    # After a failed save, tensorstore's threads print "Event loop is closed" tracebacks, and asyncio logs
+    # "Task exception was never retrieved", while the interpreter shuts down; they belong with Orbax's own
+    # report, in the run's log file.
     try:
       sys.stderr = open(_LOG_PATH, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+      root = logging.getLogger()
+      for handler in list(root.handlers):
+        root.removeHandler(handler)
+      root.addHandler(logging.StreamHandler(sys.stderr))
     except OSError:
       pass
   sys.exit(status)
@@ -68,6 +73,10 @@ def library_logs_to(path):
   old_propagate, old_level, old_hook = logger.propagate, logger.level, threading.excepthook
   logger.addHandler(handler)
   logger.propagate = False
+  aio = logging.getLogger("asyncio")  # Orbax's failed writes: "Task exception was never retrieved"
+  old_aio_propagate = aio.propagate
+  aio.addHandler(handler)
+  aio.propagate = False
   if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:
     logger.setLevel(logging.INFO)  # the file keeps what the console does not show
 
@@ -88,6 +97,8 @@ def library_logs_to(path):
     logger.removeHandler(handler)
     logger.propagate = old_propagate
     logger.setLevel(old_level)
+    aio.removeHandler(handler)
+    aio.propagate = old_aio_propagate
     handler.close()
 
 

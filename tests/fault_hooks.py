@@ -66,6 +66,8 @@ def from_env(env=os.environ):
 
 
 def main():
+  # As `python -m lmstack.main` from the repository would: config files import `configs.common`.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(MAIN)))
   from absl import app  # pylint: disable=import-outside-toplevel
   from lmstack import main as lmstack_main  # pylint: disable=import-outside-toplevel
   from lmstack.train import trainer  # pylint: disable=import-outside-toplevel

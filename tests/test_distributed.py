@@ -107,11 +107,15 @@ from lmstack.train import trainer
 
 make = datasets.make_dataset
 
-class Both:
+class Both:  # a dataset: each iter() starts again (the trainer reads a first batch to check the data)
   def __init__(self, parts):
-    self.its = [iter(p) for p in parts]
+    self.parts = parts
   def __iter__(self):
-    return self
+    return BothIterator([iter(p) for p in self.parts])
+
+class BothIterator:
+  def __init__(self, its):
+    self.its = its
   def __next__(self):
     bs = [next(it) for it in self.its]
     return {k: np.concatenate([b[k] for b in bs]) for k in bs[0]}

@@ -386,7 +386,7 @@ def test_training_raises_held_out_reward_accuracy(tmp_path, capsys):
   # exp of a DPO loss is no perplexity: neither logged nor printed.
   assert not any(k.endswith("perplexity") for r in _rows(tmp_path / "run") for k in r) and "perplexity" not in last
   out = capsys.readouterr().out
-  assert "step      0 | eval loss 0.6931 | rewards/" in out and "perplexity" not in out, out
+  assert "step      0 | eval loss 0.6931 | logps/accuracies " in out and "perplexity" not in out, out
 
 
 # ---------------------------------------------------------------------------
