@@ -8,6 +8,7 @@ console, which keeps to progress lines and one `error:` line.
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 
@@ -39,12 +40,11 @@ def fail(message):
     # After a failed save, tensorstore's threads print "Event loop is closed" tracebacks, and asyncio logs
     # "Task exception was never retrieved", while the interpreter shuts down; they belong with Orbax's own
     # report, in the run's log file.
+    # File descriptor 2 itself: the interpreter resets sys.stderr while it shuts down, and C code writes to it.
     try:
-      sys.stderr = open(_LOG_PATH, "a", encoding="utf-8")  # pylint: disable=consider-using-with
-      root = logging.getLogger()
-      for handler in list(root.handlers):
-        root.removeHandler(handler)
-      root.addHandler(logging.StreamHandler(sys.stderr))
+      log = os.open(_LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+      os.dup2(log, 2)
+      os.close(log)
     except OSError:
       pass
   sys.exit(status)
