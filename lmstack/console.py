@@ -91,15 +91,25 @@ def library_logs_to(path):
   sys.stderr = _MainThreadOnly(old_stderr, handler.stream)
   try:
     yield
-  finally:
+  except BaseException:
+    # The run failed: its background threads go on printing while the exception unwinds to fail() and
+    # the interpreter shuts down, so their redirection stays (the main thread still writes to the
+    # console); the absl logger is restored, for whoever logs next in this process.
+    _restore_logger(logger, handler, old_propagate, old_level)
+    raise
+  else:
+    _restore_logger(logger, handler, old_propagate, old_level)
     threading.excepthook = old_hook
     sys.stderr = old_stderr
-    logger.removeHandler(handler)
-    logger.propagate = old_propagate
-    logger.setLevel(old_level)
     aio.removeHandler(handler)
     aio.propagate = old_aio_propagate
     handler.close()
+
+
+def _restore_logger(logger, handler, propagate, level):
+  logger.removeHandler(handler)
+  logger.propagate = propagate
+  logger.setLevel(level)
 
 
 class _MainThreadOnly:
