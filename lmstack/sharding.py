@@ -62,7 +62,8 @@ def _resolve(shape, n, what):
 def device_grid(shape, devices, dcn_shape=None):
   """The devices as an array of the mesh's shape.
 
-  Without `dcn_shape`, `shape` covers all `devices` in their order. With it,
+  Without `dcn_shape`, `shape` covers all `devices` (in their physical
+  order: `physical_grid`). With it,
   `shape` is the mesh within one slice (ICI; -1 takes the rest of a slice) and
   `dcn_shape` the slices' arrangement (DCN; -1 takes the rest of the slices,
   which devices tell by their `slice_index`); axis sizes multiply, so
@@ -74,7 +75,7 @@ def device_grid(shape, devices, dcn_shape=None):
     shape = _resolve(shape, len(devices), "mesh.shape")
     if math.prod(shape) != len(devices):
       raise ConfigError(f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, found {len(devices)}")
-    return np.asarray(devices).reshape(shape)
+    return physical_grid(shape, devices)
   slices = sorted({getattr(d, "slice_index", 0) for d in devices})
   dcn = _resolve(dcn_shape, len(slices), "mesh.dcn_shape")
   if math.prod(dcn) != len(slices):
@@ -90,6 +91,21 @@ def device_grid(shape, devices, dcn_shape=None):
                       f"each of the {len(slices)} slices")
   from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
   return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+
+
+def physical_grid(shape, devices):
+  """`devices` as an array of `shape` that follows the hardware: on TPU, mesh_utils lays the mesh's
+  last axes (`tensor`, then `fsdp`: the most traffic) along the torus's rings, so neighbours on an axis
+  are neighbours on the chip interconnect; GPUs are ordered by id; other devices keep their order.
+  A shape the torus cannot be cut into (mesh_utils refuses it even splitting physical axes) keeps the
+  given order, as the devices are numbered."""
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  for split in (False, True):
+    try:
+      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+    except (ValueError, AssertionError, NotImplementedError):
+      continue
+  return np.asarray(devices).reshape(shape)
 
 
 def make_mesh(shape, devices=None, dcn_shape=None):

@@ -16,10 +16,15 @@ import os
 import signal
 import sys
 
-import jax.numpy as jnp
-import numpy as np
-
 MAIN = os.path.abspath(__file__)
+# As `python -m lmstack.main` from the repository would: this checkout's lmstack (whatever pip installed)
+# and its configs (config files import `configs.common`).
+sys.path.insert(0, os.path.dirname(os.path.dirname(MAIN)))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lmstack.train import trainer  # noqa: E402
 
 
 def parse_steps(spec):
@@ -31,7 +36,7 @@ def parse_steps(spec):
   return steps
 
 
-class Faults:
+class Faults(trainer.Hooks):
   """A trainer.Hooks that poisons `nan_steps` and kills the process after step `kill_at_step`."""
 
   def __init__(self, nan_steps=(), kill_at_step=0):
@@ -66,11 +71,8 @@ def from_env(env=os.environ):
 
 
 def main():
-  # As `python -m lmstack.main` from the repository would: config files import `configs.common`.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(MAIN)))
   from absl import app  # pylint: disable=import-outside-toplevel
   from lmstack import main as lmstack_main  # pylint: disable=import-outside-toplevel
-  from lmstack.train import trainer  # pylint: disable=import-outside-toplevel
   trainer.run = functools.partial(trainer.run, hooks=from_env())  # what lmstack.main calls
   sys.argv[0] = "lmstack.main"
   app.run(lmstack_main.main, flags_parser=lmstack_main.parse_flags)

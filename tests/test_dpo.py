@@ -25,7 +25,7 @@ from lmstack.data import datasets, preference
 from lmstack.data.tokenizer import load_tokenizer
 from lmstack.errors import ConfigError, DataError
 from lmstack.model.transformer import PRESETS, Transformer
-from lmstack.train import losses, optim, reference, trainer
+from lmstack.train import build, losses, optim, reference, trainer
 from lmstack.train import step as step_lib
 from lmstack.train.state import init_sharded, jit_train_step
 
@@ -265,7 +265,7 @@ def _rows(workdir):
 def test_three_reference_modes_give_the_same_loss_on_a_batch(tmp_path, tok):
   """LoRA policy with trained adapters: a frozen copy, the base with adapters off and stored values agree."""
   config = _config(tmp_path, "method=lora", steps=1, eval_batches=1)  # precomputed: a pass over 1 + 1 batches
-  model_cfg = trainer.model_config(config)
+  model_cfg = build.model_config(config)
   mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.resolve_rules("fsdp")  # 8 fake devices: FSDP
   data_sh = sharding.batch_sharding(mesh, rules)
   m = init_sharded(model_cfg, config.trainable, optim.make_optimizer(config.optim, 10)[0], mesh, rules, 0)
@@ -330,7 +330,7 @@ def test_gradient_accumulation_splits_whole_pairs(tmp_path, tok):
   first step is lr * sign(g) for most elements and would hide a wrong gradient).
   """
   config = _config(tmp_path)
-  model_cfg = dataclasses.replace(trainer.model_config(config), dtype="float32")
+  model_cfg = dataclasses.replace(build.model_config(config), dtype="float32")
   mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.resolve_rules("fsdp")
   data_sh = sharding.batch_sharding(mesh, rules)
   tx, schedule = optax.sgd(1.0), optim.make_optimizer(config.optim, 10)[1]

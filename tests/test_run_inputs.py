@@ -30,7 +30,7 @@ class _ReachedModel(Exception):
 
 def _until_model(config, workdir):
   """trainer.run up to building the model: what it checks first (config, workdir, tokenizer, data)."""
-  with mock.patch.object(trainer, "init_sharded", side_effect=_ReachedModel):
+  with mock.patch.object(trainer.build_lib, "build", side_effect=_ReachedModel):
     with pytest.raises(_ReachedModel):
       trainer.run(config, str(workdir))
 

@@ -28,7 +28,7 @@ from lmstack.data import datasets, mixture, pipeline
 from lmstack.data.tokenizer import load_tokenizer
 from lmstack.errors import ConfigError, DataError, LmstackError
 from lmstack.model.transformer import PRESETS
-from lmstack.train import trainer
+from lmstack.train import build, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fixed set of examples in CI; LMSTACK_HYPOTHESIS_EXAMPLES=2000 searches further (new random examples each run).
@@ -55,7 +55,7 @@ def _override(config, path, value):
 
 def _check(config):
   """What `trainer.run` checks before it builds anything."""
-  trainer.validate(config, trainer.model_config(config), 8)
+  trainer.validate(config, build.model_config(config), 8)
 
 
 class _ReachedModel(Exception):
@@ -64,7 +64,7 @@ class _ReachedModel(Exception):
 
 def _run_until_model(config, workdir):
   """trainer.run up to building the model: validation, mesh, rules, batch split, tokenizer, optimizer."""
-  with mock.patch.object(trainer, "init_sharded", side_effect=_ReachedModel):
+  with mock.patch.object(trainer.build_lib, "build", side_effect=_ReachedModel):
     try:
       trainer.run(config, str(workdir))
     except _ReachedModel:

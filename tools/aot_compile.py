@@ -130,40 +130,6 @@ def tpu_devices(slice_name, num_slices):
   return topologies.get_topology_desc(topology, "tpu", **kwargs).devices, topology
 
 
-def build_mesh(shape, devices, num_slices):
-  """lmstack's (data, fsdp, tensor) mesh over the TPU devices, laid out by mesh_utils."""
-  import numpy as np
-  from jax.experimental import mesh_utils
-  from jax.sharding import Mesh
-  from lmstack import sharding
-  shape = sharding.make_mesh(shape, devices).devices.shape  # resolves -1, one-line errors
-  if num_slices > 1:
-    if shape[0] % num_slices:
-      raise ConfigError(f"mesh shape {shape}: the data axis must be a multiple of --num_slices={num_slices}")
-    ici = (shape[0] // num_slices, *shape[1:])
-    grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
-  else:
-    try:
-      grid = mesh_utils.create_device_mesh(shape, devices)
-    except (ValueError, AssertionError, NotImplementedError):  # a shape the physical layout does not map
-      grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, sharding.MESH_AXES)
-
-
-def batch_spec(config, batch_size, seq_len, data_sh):
-  """ShapeDtypeStructs of the batch the trainer feeds this config's step."""
-  import jax
-  import numpy as np
-  kind = config.data.get("kind", "lm")
-  names = ["inputs", "targets", "segment_ids", "positions"] + (["loss_mask"] if kind in ("sft", "preference") else [])
-  rows = (batch_size, 2, seq_len) if kind == "preference" else (batch_size, seq_len)
-  spec = {k: jax.ShapeDtypeStruct(rows, np.int32, sharding=data_sh) for k in names}
-  if kind == "preference":  # the reference's log-probabilities join every batch (lmstack/train/reference.py)
-    spec["ref_logps"] = jax.ShapeDtypeStruct((batch_size, 2), np.float32, sharding=data_sh)
-    spec["index"] = jax.ShapeDtypeStruct((batch_size, 2), np.int32, sharding=data_sh)
-  return spec
-
-
 def per_chip_bytes(abstract, shardings):
   """Bytes one chip holds of a sharded pytree (the largest shard of each leaf)."""
   import jax
@@ -190,10 +156,6 @@ def apply_flags(config):
       config.mesh.shape = tuple(int(x) for x in _MESH.value.replace("(", "").replace(")", "").split(","))
     except ValueError as e:
       raise ConfigError(f"--mesh_shape={_MESH.value!r}; expected three integers such as 1,-1,1") from e
-  elif _NUM_SLICES.value > 1:
-    shape = list(config.mesh.shape)
-    shape[0] = shape[0] * _NUM_SLICES.value if shape[0] != -1 else -1
-    config.mesh.shape = tuple(shape)
   if _RULES.value:
     config.mesh.rules = _RULES.value
   return config
@@ -201,39 +163,37 @@ def apply_flags(config):
 
 def compile_step(config, slice_name, num_slices=1, compile_anyway=False):
   """Compiles `config`'s train step for the slice; a dict of the figures."""
-  import jax
-  from lmstack import sharding
-  from lmstack.model import peft as peft_lib
-  from lmstack.train import losses, optim, trainer
-  from lmstack.train import step as step_lib
-  from lmstack.train.state import init_sharded, jit_train_step, with_shardings
-
   devices, topology = tpu_devices(slice_name, num_slices)
   kind = devices[0].device_kind
   if kind not in HBM_GIB:
     raise ConfigError(f"--slice={slice_name}: no HBM size known for {kind!r}")
-  hbm = HBM_GIB[kind] * GiB
-  model_cfg = trainer.model_config(config)
-  trainer.validate(config, model_cfg, len(devices))
+  return compile_built(config, devices, dict(slice=slice_name, num_slices=num_slices, topology=topology),
+                       HBM_GIB[kind] * GiB, compile_anyway)
+
+
+def built_for(config, devices):
+  """The trainer's build of `config` over `devices` (lmstack/train/build.py: checks, mesh, model, steps)."""
+  from lmstack.train import build, trainer
+  trainer.validate(config, build.model_config(config), len(devices))
+  mesh, rules = build.mesh_for(config, devices)  # mesh.dcn_shape spans the slices, as in the trainer
+  return build.build(config, mesh, rules)
+
+
+def lower_step(config, devices):
+  """(Built, the train step lowered over `devices`)."""
+  b = built_for(config, devices)
+  return b, b.lower()
+
+
+def compile_built(config, devices, where, hbm, compile_anyway=False):
+  """The figures of `config`'s step over `devices` (`where`: slice, num_slices, topology) against `hbm` bytes."""
+  import jax
+  from lmstack.train import losses
+  kind = devices[0].device_kind
   t = config.train
-  mesh = build_mesh(tuple(config.mesh.shape), devices, num_slices)
-  rules = sharding.resolve_rules(config.mesh.rules)
-  batch_axes = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
-  if (t.batch_size // t.grad_accum_steps) % batch_axes:
-    raise ConfigError(f"config.train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} is not "
-                      f"divisible by the {batch_axes} chips on the mesh's batch axes (--batch_size)")
-
-  tx, schedule = optim.make_optimizer(config.optim, t.steps)
-  trainable = config.trainable
-  if model_cfg.peft.method != "none" and trainable == ".*":  # as the trainer does
-    trainable = peft_lib.trainable_pattern(model_cfg.peft.method)
-  m = init_sharded(model_cfg, trainable, tx, mesh, rules, config.seed)
-  data_sh = sharding.batch_sharding(mesh, rules)
-  step = jit_train_step(m, losses.make_loss(config), tx, schedule, t.grad_accum_steps, data_sh, config.seed,
-                        step_lib.Guard.from_config(t))
-  args = (with_shardings(m.abstract_state, m.state_sh), with_shardings(m.abstract_frozen, m.frozen_sh),
-          batch_spec(config, t.batch_size, t.seq_len, data_sh))
-
+  b = built_for(config, devices)
+  model_cfg, mesh = b.model_cfg, b.mesh
+  m = b.model
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(m.abstract_state["params"]))
   n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(m.abstract_frozen))
   state_bytes = per_chip_bytes(m.abstract_state, m.state_sh) + per_chip_bytes(m.abstract_frozen, m.frozen_sh)
@@ -244,11 +204,8 @@ def compile_step(config, slice_name, num_slices=1, compile_anyway=False):
   elif losses.is_preference(config.loss) and config.dpo.reference == "adapters_off":
     reference = per_chip_bytes(m.abstract_state["params"], m.state_sh["params"])  # the zeroed adapters
   rows = 2 if config.data.get("kind") == "preference" else 1  # a preference pair is two rows
-  flops_per_token = model_cfg.flops_per_token(t.seq_len)
-  if model_cfg.peft.method != "none":  # a frozen base: forward and input gradients only (tools/bench.py)
-    flops_per_token += -2 * (model_cfg.num_params(embeddings=False) + model_cfg.vocab_size * model_cfg.d_model)
-    flops_per_token += 6 * n_params
-  out = dict(slice=slice_name, num_slices=num_slices, topology=topology, device_kind=kind, chips=len(devices),
+  flops_per_token = b.flops_per_token()
+  out = dict(**where, device_kind=kind, chips=len(devices),
              mesh=dict(mesh.shape), rules=config.mesh.rules, preset=config.model.get("preset", ""),
              peft=model_cfg.peft.method, loss=config.loss, remat=model_cfg.remat, batch_size=t.batch_size,
              seq_len=t.seq_len, rows=rows, grad_accum_steps=t.grad_accum_steps, params=n_params + n_frozen,
@@ -260,23 +217,22 @@ def compile_step(config, slice_name, num_slices=1, compile_anyway=False):
                reason="the sharded state alone exceeds HBM (not compiled; --compile_anyway compiles it)")
     return out
 
-  with sharding.use(mesh, rules):
-    t0 = time.perf_counter()
-    lowered = step.lower(*args)
-    t1 = time.perf_counter()
-    try:
-      compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 -- libtpu refuses programs that exceed HBM
-      msg = str(e)
-      if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
-        raise
-      # "... temporaries (66.01G) exceeds available HBM (15.75G)": a lower bound on the peak
-      need = re.search(r"\(([0-9.]+)G\) exceeds available HBM", msg)
-      out.update(compiled=False, fits=False, lower_s=t1 - t0, compile_s=time.perf_counter() - t1,
-                 peak_bytes=state_bytes + reference + float(need[1]) * GiB if need else None,
-                 reason=" ".join(msg.split())[:400])
-      return out
-    t2 = time.perf_counter()
+  t0 = time.perf_counter()
+  lowered = b.lower()
+  t1 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 -- libtpu refuses programs that exceed HBM
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+      raise
+    # "... temporaries (66.01G) exceeds available HBM (15.75G)": a lower bound on the peak
+    need = re.search(r"\(([0-9.]+)G\) exceeds available HBM", msg)
+    out.update(compiled=False, fits=False, lower_s=t1 - t0, compile_s=time.perf_counter() - t1,
+               peak_bytes=state_bytes + reference + float(need[1]) * GiB if need else None,
+               reason=" ".join(msg.split())[:400])
+    return out
+  t2 = time.perf_counter()
   ma = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

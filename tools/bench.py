@@ -46,13 +46,16 @@ method written on torch (LoRA on every nn.Linear, DPO with a frozen copy).
 
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lmstack/, configs/
+
+from absl import app, flags  # noqa: E402
 
 _PRESETS = flags.DEFINE_list("presets", ["default", "100m"], "Model presets to measure.")
 _CONFIG = flags.DEFINE_string("config", "", "A stage config (path[:args]) whose model and shapes to measure, "
@@ -88,8 +91,8 @@ def model_config(name):
   """The ModelConfig of a preset (or of --config), with --model/--remat/--dtype/--scan_layers applied."""
   from lmstack.model.transformer import PRESETS, ModelConfig
   if _CONFIG.value:
-    from lmstack.train import trainer
-    cfg = trainer.model_config(_stage_config())
+    from lmstack.train import build
+    cfg = build.model_config(_stage_config())
   else:
     cfg = PRESETS[name]
   fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
@@ -269,9 +272,8 @@ def bench_checkpoint(name):
   import jax
 
   from lmstack import checkpoint
-  from lmstack.train import losses
 
-  model = _setup(name, "none", 1e-4, 0.1, losses.next_token_loss)[3]  # the sharded model and optimizer
+  model = _setup(name, "none", 1e-4, 0.1).model  # the sharded model and optimizer
   state, _ = model.init()
   out = {"state_bytes": sum(x.nbytes for x in jax.tree.leaves(state))}
   for async_save in (False, True):
@@ -316,11 +318,8 @@ def _batches(cfg, mode, batch_size, seq_len):
   """An endless iterator of host batches: random tokens, or the real pipeline (--data=corpus)."""
   import numpy as np
   if _DATA.value == "corpus":
-    import os
-
     from lmstack.data import datasets
     from lmstack.data.tokenizer import load_tokenizer
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import pretrain, sft
     data = (pretrain if mode == "pretrain" else sft).get_config().data
     tokenizer = load_tokenizer(data.tokenizer)
@@ -338,29 +337,31 @@ def _batches(cfg, mode, batch_size, seq_len):
   return forever()
 
 
-def _setup(name, method, lr, weight_decay, loss_fn):
-  """The model config, mesh, rules, sharded model, batch sharding and jitted train step of one run:
-  preset `name` with PEFT `method` on all local devices (FSDP rules), AdamW at a constant `lr`."""
+def _setup(name, method, lr, weight_decay, loss="next_token"):
+  """The build (lmstack/train/build.py Built: model config, mesh, sharded model, train step) of one run:
+  preset `name` with PEFT `method` on all local devices (FSDP rules), AdamW at a constant `lr`, `loss` (a
+  config.loss name), by the trainer's own path from a stage config."""
   import ml_collections
 
-  from lmstack import sharding
-  from lmstack.model import peft
-  from lmstack.train import optim
-  from lmstack.train.state import init_sharded, jit_train_step
+  from lmstack.train import build
 
-  _, seq_len = shapes()
+  from configs import dpo, pretrain
+  batch_size, seq_len = shapes()
   cfg = model_config(name)
-  cfg = dataclasses.replace(cfg, max_seq_len=max(seq_len, cfg.max_seq_len),
-                            peft=peft.PeftConfig(method=method, rank=_RANK.value))
-  mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.resolve_rules("fsdp")
-  ocfg = ml_collections.ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=1, min_lr_ratio=0.0,
-                                        decay_fraction=0.2, decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8,
-                                        weight_decay=weight_decay, grad_clip=1.0))
-  tx, schedule = optim.make_optimizer(ocfg, 1000)
-  m = init_sharded(cfg, peft.trainable_pattern(method), tx, mesh, rules, seed=0)
-  data_sh = sharding.batch_sharding(mesh, rules)
-  return cfg, mesh, rules, m, data_sh, jit_train_step(m, loss_fn, tx, schedule, _ACCUM.value, data_sh,
-                                                      donate=_DONATE.value)
+  cfg = dataclasses.replace(cfg, max_seq_len=max(seq_len, cfg.max_seq_len))
+  config = dpo.get_config() if loss == "dpo" else pretrain.get_config()
+  model = dataclasses.asdict(cfg)
+  del model["peft"]
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(model)
+    config.peft.update(method=method, rank=_RANK.value)
+    config.trainable = ".*"  # an adapter method trains its adapters (build.trainable_pattern)
+    config.optim.update(lr=lr, schedule="constant", warmup_steps=1, weight_decay=weight_decay, grad_clip=1.0)
+    config.train.update(batch_size=batch_size, seq_len=seq_len, grad_accum_steps=_ACCUM.value, steps=1000)
+    config.mesh.update(shape=(1, -1, 1), rules="fsdp")
+    config.seed = 0
+  mesh, rules = build.mesh_for(config)
+  return build.build(config, mesh, rules, donate=_DONATE.value)
 
 
 def bench_train(name, mode, peaks):
@@ -368,12 +369,12 @@ def bench_train(name, mode, peaks):
   import jax
 
   from lmstack import sharding
-  from lmstack.train import losses
 
   baseline = _current_rss()
   batch_size, seq_len = shapes()
   method = mode if mode in ("lora", "qlora") else "none"
-  cfg, mesh, rules, m, data_sh, step = _setup(name, method, 1e-4, 0.1, losses.next_token_loss)
+  b = _setup(name, method, 1e-4, 0.1)
+  cfg, mesh, rules, m, data_sh, step = b.model_cfg, b.mesh, b.rules, b.model, b.data_sh, b.train_step
   state, frozen = m.init()
   batches = _batches(cfg, mode, batch_size, seq_len)
   put = lambda b: {k: jax.device_put(v, data_sh) for k, v in b.items()}
@@ -404,10 +405,8 @@ def bench_train(name, mode, peaks):
       times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   tokens = batch_size * seq_len
-  fpt = cfg.flops_per_token(seq_len)
+  fpt = b.flops_per_token()  # frozen base weights: forward and input gradients only
   trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
-  if method != "none":  # frozen base weights: forward and input gradients only
-    fpt += -2 * (cfg.num_params(embeddings=False) + cfg.vocab_size * cfg.d_model) + 6 * trainable
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   param_bytes, frozen_bytes = nbytes(state["params"]), nbytes(frozen)
   ideal = param_bytes + frozen_bytes + 12 * trainable + activation_bytes(cfg, batch_size // _ACCUM.value, seq_len)
@@ -440,17 +439,16 @@ def _in_subprocess(name, mode, peaks, extra=()):
 def bench_dpo(name, method="none", reference_mode="copy"):
   """One DPO step (the reference forward, then the policy's forward + backward) on
   `batch_size` pairs = 2 x batch_size rows; tokens/s counts both rows."""
-  import functools
-
   import jax
   import numpy as np
 
   from lmstack import sharding
-  from lmstack.train import losses, reference
+  from lmstack.train import reference
 
   batch_size, seq_len = shapes()
   steps = _STEPS.value
-  cfg, mesh, rules, m, data_sh, step = _setup(name, method, 1e-5, 0.0, functools.partial(losses.dpo_loss, beta=0.1))
+  b = _setup(name, method, 1e-5, 0.0, loss="dpo")
+  cfg, mesh, rules, m, data_sh, step = b.model_cfg, b.mesh, b.rules, b.model, b.data_sh, b.train_step
   ref_logps = reference.make_ref_logps(m, data_sh)
   state, frozen = m.init()
   if reference_mode == "copy":  # a second copy of every starting parameter

@@ -27,7 +27,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -38,30 +37,9 @@ from lmstack.data.tokenizer import load_tokenizer
 from lmstack.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from lmstack.metrics import MetricWriter, measure_peak_flops
 from lmstack.model import peft as peft_lib
-from lmstack.model.peft import PeftConfig
-from lmstack.model.transformer import ModelConfig
+from lmstack.train import build as build_lib
 from lmstack.train import config_checks, losses, optim, reference
-from lmstack.train.state import init_sharded, jit_train_step, with_shardings
-from lmstack.train import step as step_lib
-
-
-def model_config(cfg) -> ModelConfig:
-  """The `config.model` section as a ModelConfig, with one-line errors."""
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  values = {k: v for k, v in cfg.model.items() if k != "preset"}
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise ConfigError(f"config.model has unknown fields {unknown}; expected some of {sorted(fields)}")
-  if "peft" in cfg:
-    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
-    unknown = sorted(set(cfg.peft) - peft_fields)
-    if unknown:
-      raise ConfigError(f"config.peft has unknown fields {unknown}; expected some of {sorted(peft_fields)}")
-    values["peft"] = dict(cfg.peft)
-  try:
-    return ModelConfig(**values)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(str(e)) from e
+from lmstack.train.state import with_shardings
 
 
 def validate(config, model_cfg, n_devices):
@@ -112,6 +90,10 @@ class Hooks:
     """Step `step`'s (1-based) host batch, before it is put on the devices."""
     del step
     return batch
+
+  def first_step(self, built, state, frozen, batch):
+    """Called once, before the run's first step, with its build (lmstack/train/build.py) and the step's
+    real inputs (the test that the AOT tool compiles the trainer's program lowers the step with them)."""
 
   def after_step(self, step):
     """Called after step `step` is done, logged and (maybe) its save started."""
@@ -244,15 +226,10 @@ def run(config, workdir, hooks=None):
 
 
 def _run(config, workdir, hooks, preempt, stack):
-  model_cfg = model_config(config)
+  model_cfg = build_lib.model_config(config)
   validate(config, model_cfg, jax.device_count())
   t = config.train
-  mesh = sharding.make_mesh(tuple(config.mesh.shape), dcn_shape=tuple(config.mesh.get("dcn_shape", (1, 1, 1))))
-  rules = sharding.resolve_rules(config.mesh.rules)
-  batch_axes = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
-  if (t.batch_size // t.grad_accum_steps) % batch_axes:
-    raise ConfigError(f"config.train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} "
-                      f"is not divisible by the {batch_axes} devices on the mesh's batch axes")
+  mesh, rules = build_lib.mesh_for(config)  # the devices' physical order, the batch split checked
 
   workdir = prepare_workdir(workdir)  # local or gs://, one API (etils.epath)
   if not paths.is_remote(workdir):  # Orbax's own logs (and its threads' tracebacks) go to a file, not the console
@@ -279,24 +256,18 @@ def _run(config, workdir, hooks, preempt, stack):
   if t.eval_every:  # re-iterable: each evaluation reads it from the start
     eval_data = make(split="eval")
     probe(eval_data, "the held-out split (config.data.eval_files)")
-  data_sh = sharding.batch_sharding(mesh, rules)
-
-  def put(batch):
-    return {k: jax.make_array_from_process_local_data(data_sh, np.asarray(v)) for k, v in batch.items()}
-
-  # ---- Model: born sharded from an abstract shape ----
-  tx, schedule = optim.make_optimizer(config.optim, t.steps)
-  trainable = config.trainable
-  if model_cfg.peft.method != "none" and trainable == ".*":  # an adapter method trains its adapters
-    trainable = peft_lib.trainable_pattern(model_cfg.peft.method)
-  m = init_sharded(model_cfg, trainable, tx, mesh, rules, config.seed)
-  graphdef, state_sh, frozen_sh, replicated = m.graphdef, m.state_sh, m.frozen_sh, m.replicated
+  # ---- Model, optimizer, loss and steps: born sharded from abstract shapes (lmstack/train/build.py) ----
+  b = build_lib.build(config, mesh, rules, wrap_loss=hooks.train_loss)
+  m, data_sh, train_step, eval_step = b.model, b.data_sh, b.train_step, b.eval_step
   abs_params, abs_frozen = m.abstract_state["params"], m.abstract_frozen
-  param_sh = state_sh["params"]
+  state_sh = m.state_sh
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params))
   n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_frozen))
   writer.info(f"model: {n_params:,} trainable + {n_frozen:,} frozen parameters; mesh {dict(mesh.shape)}; "
               f"rules {config.mesh.rules}")
+
+  def put(batch):
+    return {k: jax.make_array_from_process_local_data(data_sh, np.asarray(v)) for k, v in batch.items()}
 
   # ---- Init or resume ----
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
@@ -344,17 +315,10 @@ def _run(config, workdir, hooks, preempt, stack):
         workdir=workdir, tokenizer=tokenizer, batch_size=local_batch, shard=shard, mesh=mesh, rules=rules,
         data_sh=data_sh)
 
-  # ---- Compile the step ----
-  loss_fn = losses.make_loss(config)
-  guard = step_lib.Guard.from_config(t)
-  train_step = jit_train_step(m, hooks.train_loss(loss_fn), tx, schedule, t.grad_accum_steps, data_sh,
-                              config.seed, guard)
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(param_sh, frozen_sh, data_sh),
-                      out_shardings=replicated)
-
+  guard = b.guard
   peak = t.peak_flops if t.peak_flops >= 0 else measure_peak_flops()
-  tokens_per_step = t.batch_size * t.seq_len * datasets.rows_per_example(config.data)
-  flops_per_step = model_cfg.flops_per_token(t.seq_len) * tokens_per_step
+  tokens_per_step = b.tokens_per_step()
+  flops_per_step = b.flops_per_token() * tokens_per_step
   # Perplexity is exp of a next-token loss; a preference loss (log 2 at the start) has none.
   has_perplexity = not losses.is_preference(config.loss)
   last = {}
@@ -398,6 +362,8 @@ def _run(config, workdir, hooks, preempt, stack):
     skipped_before = int(jax.device_get(state["guard"]["total"]))
     for step_no in range(start, t.steps):
       batch = put_train(hooks.train_batch(step_no + 1, next(train_iter)))
+      if step_no == start:
+        hooks.first_step(b, state, frozen, batch)
       state, metrics = train_step(state, frozen, batch)
       done = step_no + 1
       if done % t.log_every == 0 or done == t.steps or done == start + 1:
