@@ -366,7 +366,8 @@ def _run(config, workdir, hooks, preempt, stack):
         hooks.first_step(b, state, frozen, batch)
       state, metrics = train_step(state, frozen, batch)
       done = step_no + 1
-      if done % t.log_every == 0 or done == t.steps or done == start + 1:
+      log_step = done % t.log_every == 0 or done == t.steps or done == start + 1
+      if log_step:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - tic
         # The first interval includes compilation: report its speed but not as throughput.
@@ -394,7 +395,10 @@ def _run(config, workdir, hooks, preempt, stack):
       if done % t.checkpoint_every == 0 or done == t.steps:
         save(done)
       hooks.after_step(done)
-      if distributed.any_process(preempt.requested):  # all processes stop at the same step
+      # Every process stops at the same step: with several, deciding it is a host all-gather, so they
+      # decide at log and checkpoint steps only (no per-step host sync); alone, at every step.
+      decide = jax.process_count() == 1 or log_step or done % t.checkpoint_every == 0
+      if decide and distributed.any_process(preempt.requested):
         writer.info(f"SIGTERM: saving step {done} and stopping")
         if done % t.checkpoint_every and done != t.steps:
           save(done, force=True)
