@@ -6,7 +6,8 @@ The default trains the 17M-parameter `default` preset on the embedded corpus
 
   python -m lmstack.main --config=configs/pretrain.py --workdir=/tmp/lmstack/pretrain
 
-Arguments after the colon: `size=<preset>` (tiny, default, 34m, 100m, 1b, 7b, 70b),
+Arguments after the colon: `size=<preset>` (tiny, default, 34m, 100m, 1b, 7b, 70b; the last three
+train 256 full-length sequences a step with full rematerialisation, a TPU slice's run),
 `init_from=<checkpoint>` (continue from a checkpoint, e.g. an imported Hugging
 Face model: its shape and tokenizer, a fresh optimizer) and `runlocal` (tiny
 model, a few steps: what the tests run), e.g.
@@ -32,6 +33,7 @@ def get_config(arg=None):
   config.model = common.model_section("tiny" if arg.runlocal else arg.size)
   config.loss = "next_token"
   config.trainable = ".*"  # regex over parameter paths; the rest is frozen
+  config.frozen_dtype = "auto"  # frozen matmul weights stored in model.dtype (bf16); "float32" keeps them
   config.peft = common.peft_section()  # a parameter-efficient method (configs/sft.py)
   config.init_from = ""  # a checkpoint (workdir or step dir) to start from, fresh optimizer
 
@@ -90,6 +92,11 @@ def get_config(arg=None):
       rules="fsdp",  # fsdp | fsdp_tp | dp (see lmstack/sharding.py)
   ))
 
+  if arg.size in ("1b", "7b", "70b") and not arg.runlocal:  # a TPU slice's run: 256 sequences a step, each as
+    # long as the preset takes (0.5M tokens a step for 1b, 1M for 7b and 70b); 256 divides every slice
+    # up to 256 chips. tools/aot_compile.py --config=configs/pretrain.py:size=7b --slice=... checks the fit.
+    config.train.update(batch_size=256, seq_len=config.model.max_seq_len)
+    config.model.remat = "full"
   if arg.init_from:
     common.from_checkpoint(config, arg.init_from)
   if arg.runlocal:

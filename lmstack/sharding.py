@@ -3,8 +3,13 @@
 The model names every parameter dimension with a logical axis (`embed`,
 `vocab`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) and constrains
 activations at block boundaries (`batch`, `seq`, `embed`). A *rule set* maps
-each logical name to zero or more mesh axes (`data`, `fsdp`, `tensor`); the
-presets live in `RULES` and a config picks one by name or gives its own list.
+each logical name to zero or more mesh axes (`data`, `fsdp`, `sequence`,
+`tensor`); the presets live in `RULES` and a config picks one by name or gives
+its own list. Every preset maps `seq` to the `sequence` axis: with it larger
+than 1, activations are split along the sequence (context parallelism) and
+attention gathers the keys and values of the whole sequence
+(lmstack/model/transformer.py). A mesh shape of 3 entries is (data, fsdp,
+tensor), `sequence` 1.
 
 A dimension that the mapped mesh axes do not divide evenly stays replicated,
 so a tiny test model runs on any mesh without special cases.
@@ -20,19 +25,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmstack.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # the last axes get the torus's nearest links
 
 RULES = {
     # ZeRO-3 style: every weight sharded on its `embed` dimension over fsdp,
     # the batch over data and fsdp; XLA all-gathers weights per layer.
     "fsdp": (
         ("batch", ("data", "fsdp")),
+        ("seq", "sequence"),
         ("embed", "fsdp"),
     ),
     # FSDP plus Megatron-style tensor parallelism: heads, MLP and vocabulary
     # split over the tensor axis.
     "fsdp_tp": (
         ("batch", ("data", "fsdp")),
+        ("seq", "sequence"),
         ("embed", "fsdp"),
         ("vocab", "tensor"),
         ("heads", "tensor"),
@@ -40,23 +47,56 @@ RULES = {
         ("mlp", "tensor"),
     ),
     # Pure data parallelism: every weight replicated.
-    "dp": (("batch", ("data", "fsdp")),),
+    "dp": (("batch", ("data", "fsdp")), ("seq", "sequence")),
 }
 
 
-def _resolve(shape, n, what):
-  """`shape` with its -1 (at most one) set so that the product is n."""
+def full_shape(shape, what="mesh.shape"):
+  """A mesh shape as 4 entries (data, fsdp, sequence, tensor); 3 entries are (data, fsdp, tensor)."""
   shape = list(shape)
+  if len(shape) == 3:
+    shape.insert(2, 1)
   if len(shape) != len(MESH_AXES):
-    raise ConfigError(f"{what}={tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    raise ConfigError(f"{what}={tuple(shape)} must have 3 entries (data, fsdp, tensor) or 4 {MESH_AXES}")
+  return shape
+
+
+def _resolve(shape, n, what):
+  """`shape` (3 or 4 entries, see `full_shape`) with its -1 (at most one) set so that the product is n."""
+  given, shape = tuple(shape), full_shape(shape, what)
   if shape.count(-1) > 1:
-    raise ConfigError(f"{what}={tuple(shape)} may hold at most one -1")
+    raise ConfigError(f"{what}={given} may hold at most one -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if known <= 0 or n % known:
-      raise ConfigError(f"{what}={tuple(shape)} does not divide the {n} devices")
+      raise ConfigError(f"{what}={given} does not divide the {n} devices")
     shape[shape.index(-1)] = n // known
   return shape
+
+
+def grid_shape(shape, n_devices, dcn_shape=None, n_slices=1):
+  """(ici, dcn): the resolved mesh within a slice and the slices' arrangement, for `n_devices` in
+  `n_slices` equal slices (see `device_grid`); the mesh's shape is their elementwise product. One-line
+  ConfigErrors; no device is needed (tools/aot_compile.py checks documented launches with it)."""
+  if dcn_shape is None or n_slices == 1:
+    if dcn_shape is not None:
+      dcn = _resolve(dcn_shape, 1, "mesh.dcn_shape")
+      if math.prod(dcn) != 1:
+        raise ConfigError(f"mesh.dcn_shape={tuple(dcn_shape)} needs {math.prod(dcn)} slices, the devices are in 1")
+    ici = _resolve(shape, n_devices, "mesh.shape")
+    if math.prod(ici) != n_devices:
+      raise ConfigError(f"mesh.shape={tuple(shape)} needs {math.prod(ici)} devices, found {n_devices}")
+    return tuple(ici), (1,) * len(MESH_AXES)
+  dcn = _resolve(dcn_shape, n_slices, "mesh.dcn_shape")
+  if math.prod(dcn) != n_slices:
+    raise ConfigError(f"mesh.dcn_shape={tuple(dcn_shape)} needs {math.prod(dcn)} slices, the devices are in "
+                      f"{n_slices}")
+  per_slice = n_devices // n_slices
+  ici = _resolve(shape, per_slice, "mesh.shape")
+  if math.prod(ici) != per_slice or per_slice * n_slices != n_devices:
+    raise ConfigError(f"mesh.shape={tuple(shape)} is the mesh of one slice; it needs {math.prod(ici)} devices in "
+                      f"each of the {n_slices} slices")
+  return tuple(ici), tuple(dcn)
 
 
 def device_grid(shape, devices, dcn_shape=None):
@@ -71,24 +111,13 @@ def device_grid(shape, devices, dcn_shape=None):
   data-centre network is fast enough for.
   """
   devices = list(devices)
-  if dcn_shape is None:
-    shape = _resolve(shape, len(devices), "mesh.shape")
-    if math.prod(shape) != len(devices):
-      raise ConfigError(f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, found {len(devices)}")
-    return physical_grid(shape, devices)
   slices = sorted({getattr(d, "slice_index", 0) for d in devices})
-  dcn = _resolve(dcn_shape, len(slices), "mesh.dcn_shape")
-  if math.prod(dcn) != len(slices):
-    raise ConfigError(f"mesh.dcn_shape={tuple(dcn_shape)} needs {math.prod(dcn)} slices, the devices are in "
-                      f"{len(slices)}")
-  if len(slices) == 1:
-    return device_grid(shape, devices)
-  per_slice = len(devices) // len(slices)
-  ici = _resolve(shape, per_slice, "mesh.shape")
-  if math.prod(ici) != per_slice or any(sum(getattr(d, "slice_index", 0) == s for d in devices) != per_slice
-                                        for s in slices):
-    raise ConfigError(f"mesh.shape={tuple(shape)} is the mesh of one slice; it needs {math.prod(ici)} devices in "
-                      f"each of the {len(slices)} slices")
+  if len(slices) > 1 and any(sum(getattr(d, "slice_index", 0) == s for d in devices) * len(slices) != len(devices)
+                             for s in slices):
+    raise ConfigError(f"the {len(devices)} devices are in {len(slices)} slices of different sizes")
+  ici, dcn = grid_shape(shape, len(devices), dcn_shape, len(slices))
+  if len(slices) == 1 or dcn_shape is None:
+    return physical_grid(ici, devices)
   from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
   return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
 
@@ -171,6 +200,14 @@ def use(mesh, rules):
     yield
   finally:
     _ACTIVE = prev
+
+
+def logical_size(name):
+  """How many ways the active mesh (`use`) splits logical axis `name` (1 outside `use`)."""
+  if _ACTIVE is None:
+    return 1
+  mesh, rules = _ACTIVE
+  return math.prod(mesh.shape[a] for a in rules.get(name, ()))
 
 
 def constrain(x, axes):

@@ -10,6 +10,8 @@ libtpu and compiles at a time.
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -43,7 +45,7 @@ def test_tiny_fits_a_v5e_4():
   rc, r, log = aot("--config=configs/pretrain.py:size=tiny", "--slice=v5e-4", "--batch_size=8", "--seq_len=128")
   assert rc == 0, log
   assert r["compiled"] and r["fits"] and r["chips"] == 4 and r["device_kind"] == "TPU v5 lite"
-  assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert r["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
   for key in ("argument_bytes", "temp_bytes", "code_bytes", "peak_bytes", "xla_flops_per_chip"):
     assert r[key] > 0, key
   assert r["peak_bytes"] < r["hbm_bytes"] == 16 * 2**30
@@ -87,3 +89,53 @@ def test_fine_tuning_stages_compile(config):
     assert r["peft"] == "lora" and r["trainable"] < r["params"] / 4  # adapters only
   else:  # a frozen copy of the starting model gives the reference log-probabilities
     assert r["loss"] == "dpo" and r["rows"] == 2 and r["reference_bytes"] > 0
+
+
+def _section(title):
+  """The README's `## title` section."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  start = text.index(f"\n## {title}")
+  end = text.find("\n## ", start + 1)
+  return text[start:end if end > 0 else None]
+
+
+def _commands(section):
+  """The shell commands in the section's ```bash blocks, continuation lines joined, comments dropped."""
+  blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+  lines = " ".join(blocks).replace("\\\n", " ").splitlines()
+  return [shlex.split(line.split("  #")[0].strip()) for line in lines if line.strip()]
+
+
+def documented_launches():
+  """(what, aot_compile.py arguments) for every documented launch and AOT command that names a config."""
+  out, slices = [], {}
+  for argv in _commands(_section("Cloud TPU")):
+    if argv[:1] != ["./launch_tpu.sh"] or argv[1] not in ("all", "run"):
+      continue
+    own, extra = (argv[2:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv[2:], [])
+    flags = dict(a[2:].split("=", 1) for a in own if a.startswith("--") and "=" in a)
+    slices.setdefault(flags["name"], flags.get("accelerator_type"))
+    accel = flags.get("accelerator_type") or slices[flags["name"]]
+    out.append((" ".join(argv), [f"--config={flags['config']}", f"--slice={accel}",
+                                 f"--num_slices={flags.get('num_slices', 1)}", *extra]))
+  for argv in _commands(_section("Will it fit? (AOT)")):
+    if argv[:2] == ["python", "tools/aot_compile.py"]:
+      out.append((" ".join(argv), argv[2:]))
+  return out
+
+
+def test_the_readme_documents_launches():
+  what = [w for w, _ in documented_launches()]
+  assert sum(w.startswith("./launch_tpu.sh") for w in what) >= 2 and sum("aot_compile" in w for w in what) >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what,args", documented_launches(), ids=lambda x: x if isinstance(x, str) else "")
+def test_documented_launches_pass_the_pre_compile_checks(what, args):
+  # The checks the trainer makes before it builds anything (config, mesh over the slice's chips, batch
+  # split), without libtpu: a documented launch never stops on them after the slice is paid for.
+  out = subprocess.run([sys.executable, TOOL, *args, "--check_only"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, check=False)
+  assert out.returncode == 0, f"{what}\n{out.stdout}{out.stderr}"
+  assert out.stdout.startswith("checks pass:"), out.stdout

@@ -88,20 +88,27 @@ def _torus_distance(a, b, dims=(4, 4, 4)):
   return sum(min(abs(p - q), d - abs(p - q)) for p, q, d in zip(a.coords, b.coords, dims))
 
 
+def _steps_along(grid, axis):
+  """Pairs of devices that are neighbours on mesh axis `axis`."""
+  n = grid.shape[axis]
+  return zip(np.take(grid, range(n - 1), axis).flat, np.take(grid, range(1, n), axis).flat)
+
+
 def test_meshes_follow_the_tpu_torus():
   devices = _v5p_4x4x4()
-  grid = sharding.device_grid((4, 4, 4), devices)  # data, fsdp, tensor
+  grid = sharding.device_grid((4, 4, 1, 4), devices)  # data, fsdp, sequence, tensor
   assert sorted(d.id for d in grid.flat) == list(range(64))
   # Every step along `tensor` and along `fsdp` (the axes with the most traffic) is one link of the torus.
-  for axis in (1, 2):
-    for a, b in zip(np.take(grid, range(3), axis).flat, np.take(grid, range(1, 4), axis).flat):
+  for axis in (1, 3):
+    for a, b in _steps_along(grid, axis):
       assert _torus_distance(a, b) == 1, (axis, a, b)
   # A plain reshape of the numbering (what the trainer did) does not: fsdp steps jump 4 rows of the torus.
-  plain = np.asarray(devices).reshape(4, 16, 1)
-  assert max(_torus_distance(a, b) for a, b in zip(plain[:, :-1].flat, plain[:, 1:].flat)) > 1
-  grid = sharding.device_grid((1, 16, 4), devices)
-  for a, b in zip(grid[..., :-1].flat, grid[..., 1:].flat):
-    assert _torus_distance(a, b) == 1
+  plain = np.asarray(devices).reshape(4, 16, 1, 1)
+  assert max(_torus_distance(a, b) for a, b in _steps_along(plain, 1)) > 1
+  grid = sharding.device_grid((1, 4, 4, 4), devices)  # a sequence axis: its ring on the torus too
+  for axis in (1, 2, 3):
+    for a, b in _steps_along(grid, axis):
+      assert _torus_distance(a, b) == 1, (axis, a, b)
 
 
 def test_devices_that_are_not_tpus_keep_their_order():
@@ -109,3 +116,52 @@ def test_devices_that_are_not_tpus_keep_their_order():
   devices = jax.devices()
   assert list(sharding.device_grid((1, -1, 1), devices).flat) == devices
   assert list(sharding.device_grid((2, 2, 2), devices).flat) == devices
+
+
+def _lora_losses(frozen_dtype, method="lora"):
+  """Three LoRA steps of the tiny model on one fixed batch: (losses, frozen bytes, frozen dtypes)."""
+  import jax
+  from flax import nnx
+  from lmstack.train import build
+  config = stage_config("lora")
+  config.peft.method = method
+  config.frozen_dtype = frozen_dtype
+  config.model.dtype = "bfloat16"
+  mesh, rules = build.mesh_for(config)
+  b = build.build(config, mesh, rules)
+  state, frozen = b.model.init()
+  rng = np.random.default_rng(0)
+  t = config.train
+  tok = rng.integers(4, b.model_cfg.vocab_size, (t.batch_size, t.seq_len + 1)).astype(np.int32)
+  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": np.ones_like(tok[:, 1:]),
+           "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), tok[:, 1:].shape).copy(),
+           "loss_mask": np.ones_like(tok[:, 1:])}
+  batch = {k: jax.device_put(v, b.data_sh) for k, v in batch.items()}
+  losses = []
+  with sharding.use(mesh, rules):
+    for _ in range(3):
+      state, metrics = b.train_step(state, frozen, batch)
+      losses.append(float(metrics["loss"]))
+  dtypes = {"/".join(map(str, p)): str(v.dtype) for p, v in nnx.to_flat_state(frozen)}
+  return losses, sum(x.nbytes for x in jax.tree.leaves(frozen)), dtypes
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_a_bf16_frozen_base_trains_exactly_as_a_float32_one(method):
+  low, low_bytes, dtypes = _lora_losses("auto", method)
+  full, full_bytes, full_dtypes = _lora_losses("float32", method)
+  # The matmuls cast their weights to bfloat16 either way (model.dtype): the same operands, the same sums.
+  assert low == full
+  assert set(full_dtypes.values()) == {"float32"}
+  assert dtypes["blocks/attn/q"] == dtypes["blocks/mlp/down"] == "bfloat16"
+  assert dtypes["embed"] == dtypes["blocks/attn_norm/scale"] == "float32"  # gathered / elementwise: kept
+  # Two bytes saved on every element of the block linears (and of the output projection, untied and
+  # without LoRA folded into it): L (2 d n h + 2 d k h + 3 d f) [+ d V].
+  from lmstack.model.transformer import PRESETS
+  c = PRESETS["tiny"]
+  elements = c.n_layers * (2 * c.d_model * c.n_heads * c.head_dim + 2 * c.d_model * c.n_kv_heads * c.head_dim
+                           + 3 * c.d_model * c.mlp_dim)
+  if dtypes["unembed"] == "bfloat16":
+    elements += c.d_model * c.vocab_size
+  assert (method == "prefix") == (dtypes["unembed"] == "bfloat16")  # LoRA's default targets include unembed
+  assert full_bytes - low_bytes == 2 * elements

@@ -64,10 +64,10 @@ class FakeDevice:
 def test_multi_slice_mesh_is_data_parallel_over_slices():
   devices = [FakeDevice(i, i // 4) for i in range(8)]  # 2 slices of 4
   grid = sharding.device_grid((1, -1, 1), devices, dcn_shape=(-1, 1, 1))
-  assert grid.shape == (2, 4, 1)
+  assert grid.shape == (2, 4, 1, 1)  # data, fsdp, sequence, tensor
   assert [[d.slice_index for d in row.ravel()] for row in grid] == [[0] * 4, [1] * 4]
   grid = sharding.device_grid((1, 2, 2), devices, dcn_shape=(2, 1, 1))
-  assert grid.shape == (2, 2, 2) and {d.slice_index for d in grid[1].ravel()} == {1}
+  assert grid.shape == (2, 2, 1, 2) and {d.slice_index for d in grid[1].ravel()} == {1}
   with pytest.raises(ConfigError, match=r"dcn_shape=\(4, 1, 1\) needs 4 slices, the devices are in 2"):
     sharding.device_grid((1, -1, 1), devices, dcn_shape=(4, 1, 1))
   with pytest.raises(ConfigError, match="mesh of one slice"):
@@ -75,7 +75,7 @@ def test_multi_slice_mesh_is_data_parallel_over_slices():
 
 
 def test_dcn_shape_on_one_slice():
-  assert sharding.make_mesh((1, -1, 1), dcn_shape=(-1, 1, 1)).devices.shape == (1, 8, 1)
+  assert sharding.make_mesh((1, -1, 1), dcn_shape=(-1, 1, 1)).devices.shape == (1, 8, 1, 1)
   with pytest.raises(ConfigError, match=r"needs 2 slices, the devices are in 1"):
     sharding.make_mesh((1, -1, 1), dcn_shape=(2, 1, 1))
 

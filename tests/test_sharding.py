@@ -57,7 +57,8 @@ def _init_params(cfg):
   return nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
 
 
-@pytest.mark.parametrize("mesh_shape,rules", [((8, 1, 1), "fsdp"), ((1, 8, 1), "fsdp"), ((2, 2, 2), "fsdp_tp")])
+@pytest.mark.parametrize("mesh_shape,rules", [((8, 1, 1), "fsdp"), ((1, 8, 1), "fsdp"), ((2, 2, 2), "fsdp_tp"),
+                                              ((1, 2, 4, 1), "fsdp"), ((1, 1, 4, 2), "fsdp_tp")])
 def test_sharded_steps_equal_single_device(tiny_cfg, mesh_shape, rules):
   assert jax.device_count() == 8
   cfg = dataclasses.replace(tiny_cfg, dtype="float32")
@@ -75,8 +76,51 @@ def test_sharded_steps_equal_single_device(tiny_cfg, mesh_shape, rules):
   assert moved > 5e-3
   # The parameters really are split across devices (not silently replicated).
   specs = {s.spec for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state["params"]))}
-  if mesh_shape[1] > 1 or mesh_shape[2] > 1:
+  if mesh_shape[1] > 1 or mesh_shape[-1] > 1:
     assert any(spec != P() and any(spec) for spec in specs), specs
+
+
+def _grads(cfg, mesh_shape, rules, devices, t=32):
+  """d(mean next-token loss)/d params of the first batch, on `mesh_shape`."""
+  from flax import nnx
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  rules = sharding.resolve_rules(rules)
+  tx, _ = optim.make_optimizer(_optim_cfg(), 3)
+  m = state_lib.init_sharded(cfg, ".*", tx, mesh, rules, seed=0)
+  state, frozen = m.init()
+  data_sh = sharding.batch_sharding(mesh, rules)
+  batch = {k: jax.device_put(v, data_sh) for k, v in _batches(cfg, n=1, t=t)[0].items()}
+
+  def loss(params):
+    loss_sum, weight, _ = losses.next_token_loss(nnx.merge(m.graphdef, params, frozen), batch, None)
+    return loss_sum / weight
+
+  with sharding.use(mesh, rules):
+    grad = jax.jit(jax.grad(loss))
+    return grad(state["params"]), grad.lower(state["params"]).compile().memory_analysis()
+
+
+@pytest.mark.parametrize("mesh_shape,rules", [((1, 1, 8, 1), "fsdp"), ((1, 2, 4, 1), "fsdp_tp")])
+def test_context_parallel_gradients_equal_single_device(tiny_cfg, mesh_shape, rules):
+  # The sequence axis splits every activation along T; attention gathers all keys and values, so each
+  # query still sees its whole causal, same-document past (the batches pack two documents a row).
+  cfg = dataclasses.replace(tiny_cfg, dtype="float32")
+  ref, _ = _grads(cfg, (1, 1, 1), rules, jax.devices()[:1])
+  got, _ = _grads(cfg, mesh_shape, rules, jax.devices())
+  # float32 sums over the batch's 256 tokens in another order: errors of a few ulp of the largest term.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+  assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(ref)) > 0
+
+
+def test_context_parallelism_splits_the_attention_scores(tiny_cfg):
+  # At 512 tokens the float32 scores (8 rows x 4 heads x 512 x 512 per layer) dominate the step's
+  # temporaries; split 8 ways along the queries, a device's temporaries shrink well below half.
+  cfg = dataclasses.replace(tiny_cfg, dtype="float32", max_seq_len=512, attention_block=0)
+  _, one = _grads(cfg, (1, 1, 1, 1), "fsdp", jax.devices()[:1], t=512)
+  _, split = _grads(cfg, (1, 1, 8, 1), "fsdp", jax.devices(), t=512)
+  assert split.temp_size_in_bytes < 0.5 * one.temp_size_in_bytes, (split, one)
 
 
 def test_gradient_accumulation_equals_full_batch(tiny_cfg):

@@ -61,11 +61,13 @@ _PRESET = flags.DEFINE_string("preset", "", "Replace config.model with this pres
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (sequences); 0: the config's.")
 _SEQ = flags.DEFINE_integer("seq_len", 0, "Sequence length; 0: the config's.")
 _REMAT = flags.DEFINE_string("remat", "", "Rematerialisation: none, full, dots, dots_no_batch; empty: the config's.")
-_MESH = flags.DEFINE_string("mesh_shape", "", "data,fsdp,tensor (one -1); empty: the config's (with --num_slices: "
-                            "the data axis is num_slices x the config's).")
+_MESH = flags.DEFINE_string("mesh_shape", "", "data,fsdp,tensor or data,fsdp,sequence,tensor (one -1) within a "
+                            "slice; empty: the config's (mesh.dcn_shape spans the slices of --num_slices).")
 _RULES = flags.DEFINE_string("rules", "", "Logical-axis rules preset (fsdp, fsdp_tp, dp); empty: the config's.")
 _JSON = flags.DEFINE_bool("json", False, "Also print the figures as one JSON line (prefixed RESULT).")
 _ANYWAY = flags.DEFINE_bool("compile_anyway", False, "Compile even when the sharded state alone exceeds HBM.")
+_CHECK_ONLY = flags.DEFINE_bool("check_only", False, "Only the checks that need no compiler (the config, its mesh "
+                                "over the slice's chips, the batch split); no libtpu needed. Exits 0 or 2.")
 flags.mark_flags_as_required(["config", "slice"])
 
 GiB = 2**30
@@ -155,7 +157,8 @@ def apply_flags(config):
     try:
       config.mesh.shape = tuple(int(x) for x in _MESH.value.replace("(", "").replace(")", "").split(","))
     except ValueError as e:
-      raise ConfigError(f"--mesh_shape={_MESH.value!r}; expected three integers such as 1,-1,1") from e
+      raise ConfigError(f"--mesh_shape={_MESH.value!r}; expected 3 or 4 integers such as 1,-1,1 or 1,-1,8,1 "
+                        "(data, fsdp[, sequence], tensor)") from e
   if _RULES.value:
     config.mesh.rules = _RULES.value
   return config
@@ -169,6 +172,22 @@ def compile_step(config, slice_name, num_slices=1, compile_anyway=False):
     raise ConfigError(f"--slice={slice_name}: no HBM size known for {kind!r}")
   return compile_built(config, devices, dict(slice=slice_name, num_slices=num_slices, topology=topology),
                        HBM_GIB[kind] * GiB, compile_anyway)
+
+
+def precheck(config, slice_name, num_slices=1):
+  """What the trainer would refuse on the slice, without libtpu: the config's fields, its mesh over the
+  slice's chips (one JAX device a chip: v4 and v5p run megacore) and the batch split over the mesh's
+  batch axes. Returns the mesh shape {axis: size}; one-line ConfigErrors."""
+  from lmstack import sharding
+  from lmstack.train import build, trainer
+  topology, _ = slice_topology(slice_name)
+  n = math.prod(int(d) for d in topology.split(":")[1].split("x")) * num_slices
+  trainer.validate(config, build.model_config(config), n)
+  ici, dcn = sharding.grid_shape(tuple(config.mesh.shape), n, tuple(config.mesh.get("dcn_shape", (1, 1, 1))),
+                                 num_slices)
+  shape = dict(zip(sharding.MESH_AXES, (i * d for i, d in zip(ici, dcn))))
+  build.check_batch(config, shape, sharding.resolve_rules(config.mesh.rules))
+  return shape
 
 
 def built_for(config, devices):
@@ -300,7 +319,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     config = apply_flags(_CONFIG.value)
-    slice_topology(_SLICE.value)  # a bad name or no libtpu fails before waiting for the lock
+    mesh = precheck(config, _SLICE.value, _NUM_SLICES.value)  # a bad config fails before libtpu and the lock
+    if _CHECK_ONLY.value:
+      print(f"checks pass: {_SLICE.value} x {_NUM_SLICES.value}, mesh {mesh}, batch {config.train.batch_size} x "
+            f"{config.train.seq_len}", flush=True)
+      return
     from jax._src import xla_bridge
     if xla_bridge.get_tpu_library_path() is None:
       raise ConfigError(NO_LIBTPU)

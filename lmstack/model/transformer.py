@@ -366,7 +366,16 @@ class Attention(nnx.Module):
     q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim) / math.sqrt(cfg.head_dim)
     prefix = (extra["k"], extra["v"]) if "k" in extra else None
     blk = cfg.attention_block
-    if cfg.attention_impl != "lmstack" and kv_cache is None and prefix is None:
+    if kv_cache is None and sharding.logical_size("seq") > 1:
+      # Context parallelism: each device keeps its queries' slice of the sequence and gathers the keys
+      # and values of the whole sequence (an all-gather over the `sequence` mesh axis), so the scores
+      # it holds are [its T / n queries, all S keys].
+      q_btkgh = sharding.constrain(q_btkgh, ("batch", "seq", "kv_heads", None, "head_dim"))
+      k_bskh = sharding.constrain(k_bskh, ("batch", None, "kv_heads", "head_dim"))
+      v_bskh = sharding.constrain(v_bskh, ("batch", None, "kv_heads", "head_dim"))
+      out_btkgh = sharding.constrain(_attend(q_btkgh, k_bskh, v_bskh, mask, dt, prefix),
+                                     ("batch", "seq", "kv_heads", None, "head_dim"))
+    elif cfg.attention_impl != "lmstack" and kv_cache is None and prefix is None:
       out_btnh = jax.nn.dot_product_attention(
           q_btnh.astype(dt), k_bskh.astype(dt), v_bskh.astype(dt), mask=mask[:, :, 0], is_causal=True,
           implementation=cfg.attention_impl)
@@ -491,6 +500,7 @@ class Transformer(nnx.Module):
       positions_bt = positions_bt + cfg.peft.num_virtual_tokens
     if cache is None:
       mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt, cfg.sliding_window)
+      mask = sharding.constrain(mask, ("batch", None, None, "seq", None))  # B 1 1 T S: split as the queries
       kv = index = None
     else:
       index = cache["index"]

@@ -52,13 +52,18 @@ def mesh_for(config, devices=None):
   mesh = sharding.make_mesh(tuple(config.mesh.shape), devices,
                             dcn_shape=tuple(config.mesh.get("dcn_shape", (1, 1, 1))))
   rules = sharding.resolve_rules(config.mesh.rules)
+  check_batch(config, dict(mesh.shape), rules)
+  return mesh, rules
+
+
+def check_batch(config, mesh_shape, rules):
+  """The global batch (per micro-batch) splits evenly over the mesh's batch axes ({axis: size})."""
   t = config.train
-  batch_axes = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+  batch_axes = math.prod(mesh_shape[a] for a in rules.get("batch", ()))
   if t.batch_size % t.grad_accum_steps == 0 and (t.batch_size // t.grad_accum_steps) % batch_axes:
     raise ConfigError(f"config.train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} "
                       f"is not divisible by the {batch_axes} devices on the mesh's batch axes "
-                      f"({', '.join(rules.get('batch', ()))} of mesh {dict(mesh.shape)})")
-  return mesh, rules
+                      f"({', '.join(rules.get('batch', ()))} of mesh {mesh_shape})")
 
 
 def trainable_pattern(config, model_cfg):
@@ -134,7 +139,8 @@ def build(config, mesh, rules, *, wrap_loss=None, donate=True):
   model_cfg = model_config(config)
   t = config.train
   tx, schedule = optim.make_optimizer(config.optim, t.steps)
-  m = init_sharded(model_cfg, trainable_pattern(config, model_cfg), tx, mesh, rules, config.seed)
+  m = init_sharded(model_cfg, trainable_pattern(config, model_cfg), tx, mesh, rules, config.seed,
+                   frozen_dtype=config.get("frozen_dtype", "auto"))
   loss_fn = losses.make_loss(config)
   guard = step_lib.Guard.from_config(t)
   data_sh = sharding.batch_sharding(mesh, rules)

@@ -38,7 +38,7 @@ def _in(lo, hi, hi_open=False):
 
 
 def _mesh_shape(v):
-  return (isinstance(v, (tuple, list)) and len(v) == 3 and all(is_int(s) and (s >= 1 or s == -1) for s in v)
+  return (isinstance(v, (tuple, list)) and len(v) in (3, 4) and all(is_int(s) and (s >= 1 or s == -1) for s in v)
           and list(v).count(-1) <= 1)
 
 
@@ -52,7 +52,8 @@ def _mesh_rules(v):
       for pair in v)
 
 
-_MESH_SHAPE = "3 integers (data, fsdp, tensor), each >= 1 or one -1 for the remaining devices"
+_MESH_SHAPE = ("3 integers (data, fsdp, tensor) or 4 (data, fsdp, sequence, tensor), each >= 1 or one -1 for "
+               "the remaining devices")
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
 _STR = (lambda v: isinstance(v, str), "a string")
 
@@ -62,6 +63,8 @@ FIELDS = {
     "loss": _STR,
     "trainable": _STR,
     "init_from": _STR,
+    "frozen_dtype?": (lambda v: v in ("auto", "float32"), "'auto' (frozen matmul weights in model.dtype) or "
+                      "'float32'"),
     "train.steps": (_at_least(1), "an integer >= 1"),
     "train.batch_size": (_at_least(1), "an integer >= 1 (sequences per step, global)"),
     "train.seq_len": (_at_least(2), "an integer >= 2 (tokens per row)"),

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmstack import sharding
+from lmstack.model import peft as peft_lib
 from lmstack.model.transformer import Transformer
 from lmstack.train import step as step_lib
 
@@ -44,17 +45,47 @@ class ShardedModel:
   trainable: str  # the regex that split params from frozen
 
 
-def init_sharded(model_cfg, trainable, tx, mesh, rules, seed):
-  """Splits the model into trainable params and frozen rest, sharded on `mesh`.
+FROZEN_DTYPES = ("auto", "float32")
+
+
+def frozen_storage(model_cfg, frozen_dtype="auto"):
+  """(path, value) -> value: how a frozen parameter is stored.
+
+  "auto": a frozen weight that only ever enters a matmul (the block linears, the output projection
+  unless LoRA folds into it) is stored in the matmul dtype (`model.dtype`, bfloat16 by default), the
+  dtype `_matmul` casts it to anyway, so the step computes exactly what it would from float32 weights
+  in half the memory. The embedding table (gathered, not multiplied), norm scales and quantized codes
+  stay as they are. "float32": every frozen parameter as initialised.
+  """
+  if frozen_dtype not in FROZEN_DTYPES:
+    raise ValueError(f"frozen_dtype={frozen_dtype!r}; expected one of {FROZEN_DTYPES}")
+  dtype = jnp.dtype(model_cfg.dtype)
+  low = {("blocks", *name.split("/")) for name in peft_lib.linear_specs(model_cfg)}
+  if not model_cfg.tie_embeddings and not peft_lib.lora_unembed(model_cfg):
+    low.add(("unembed",))
+
+  def store(path, variable):
+    value = variable.get_value()
+    if frozen_dtype == "float32" or tuple(map(str, path)) not in low or value.dtype != jnp.float32:
+      return variable
+    return variable.replace(value.astype(dtype))  # keeps the logical axes (its sharding)
+  return store
+
+
+def init_sharded(model_cfg, trainable, tx, mesh, rules, seed, frozen_dtype="auto"):
+  """Splits the model into trainable params and frozen rest, sharded on `mesh`; the frozen rest is
+  stored as `frozen_storage(model_cfg, frozen_dtype)` says.
 
   Nothing is materialised until `init()` runs, jit-compiled with
   `out_shardings`, so every parameter is created directly on its devices.
   """
   is_trainable = trainable_filter(trainable)
+  store = frozen_storage(model_cfg, frozen_dtype)
 
   def init():
     model = Transformer(model_cfg, nnx.Rngs(seed))
     _, params, frozen = nnx.split(model, is_trainable, ...)
+    frozen = nnx.map_state(store, frozen)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "guard": step_lib.init_guard()}, frozen
 

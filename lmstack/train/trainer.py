@@ -150,8 +150,9 @@ def _load_init_from(path, model_cfg, tokenizer, m, state, frozen, fresh, mesh, r
   def overwrite(tree, shardings):
     pure, sh = nnx.to_pure_dict(tree), ckpt_lib.flatten_tree(nnx.to_pure_dict(shardings))
     for p in ckpt_lib.flatten_tree(pure):
-      if p in loaded:
-        ckpt_lib.tree_set(pure, p, jax.device_put(loaded[p], sh[p]))
+      if p in loaded:  # in the dtype this run stores it in (state.frozen_storage)
+        dtype = ckpt_lib.tree_get(pure, p).dtype
+        ckpt_lib.tree_set(pure, p, jax.device_put(loaded[p], sh[p]).astype(dtype))
     nnx.replace_by_pure_dict(tree, pure)
 
   overwrite(frozen, m.frozen_sh)
