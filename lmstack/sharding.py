@@ -28,19 +28,20 @@ from lmstack.errors import ConfigError
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # the last axes get the torus's nearest links
 
 RULES = {
-    # ZeRO-3 style: every weight sharded on its `embed` dimension over fsdp,
-    # the batch over data and fsdp; XLA all-gathers weights per layer.
+    # ZeRO-3 style: every weight sharded on its `embed` dimension over fsdp
+    # (and sequence: its devices hold the same weights), the batch over data
+    # and fsdp; XLA all-gathers weights per layer.
     "fsdp": (
         ("batch", ("data", "fsdp")),
         ("seq", "sequence"),
-        ("embed", "fsdp"),
+        ("embed", ("fsdp", "sequence")),  # weights: ZeRO-3 over the sequence axis too
     ),
     # FSDP plus Megatron-style tensor parallelism: heads, MLP and vocabulary
     # split over the tensor axis.
     "fsdp_tp": (
         ("batch", ("data", "fsdp")),
         ("seq", "sequence"),
-        ("embed", "fsdp"),
+        ("embed", ("fsdp", "sequence")),
         ("vocab", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),

@@ -164,14 +164,36 @@ def apply_flags(config):
   return config
 
 
+def available_hbm(devices):
+  """Bytes of HBM a program may use on one of `devices`, as libtpu itself reports it: the compiler refuses
+  a program that needs more and says how much is available ("... exceeds available HBM (15.75G)"), which
+  is less than the chip's HBM (the runtime keeps some). Asked by compiling a program that needs 1 TiB."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  sh = NamedSharding(Mesh(devices[:1], ("x",)), P())
+  huge = jax.ShapeDtypeStruct((2**38,), jnp.float32, sharding=sh)  # 1 TiB
+  try:
+    jax.jit(lambda x: jnp.cumsum(x) * 2, out_shardings=sh).lower(huge).compile()
+  except Exception as e:  # noqa: BLE001 -- the refusal is the answer
+    m = re.search(r"exceeds available HBM \(([0-9.]+)([GMK])\)", str(e))
+    if m:
+      return float(m[1]) * {"G": GiB, "M": 2**20, "K": 2**10}[m[2]]
+  return None
+
+
 def compile_step(config, slice_name, num_slices=1, compile_anyway=False):
-  """Compiles `config`'s train step for the slice; a dict of the figures."""
+  """Compiles `config`'s train step for the slice; a dict of the figures. The step fits when its peak is
+  at most what libtpu reports available (`available_hbm`), else the chip's HBM."""
   devices, topology = tpu_devices(slice_name, num_slices)
   kind = devices[0].device_kind
   if kind not in HBM_GIB:
     raise ConfigError(f"--slice={slice_name}: no HBM size known for {kind!r}")
-  return compile_built(config, devices, dict(slice=slice_name, num_slices=num_slices, topology=topology),
-                       HBM_GIB[kind] * GiB, compile_anyway)
+  hbm = available_hbm(devices) or HBM_GIB[kind] * GiB
+  out = compile_built(config, devices, dict(slice=slice_name, num_slices=num_slices, topology=topology), hbm,
+                      compile_anyway)
+  out["chip_hbm_bytes"] = HBM_GIB[kind] * GiB
+  return out
 
 
 def precheck(config, slice_name, num_slices=1):
@@ -274,7 +296,8 @@ def report(r):
       f"model    {r['preset'] or 'config'}: {n(r['params'])} parameters, {n(r['trainable'])} "
       f"trainable (peft {r['peft']}, loss {r['loss']}, remat {r['remat']})",
       f"slice    {r['slice']}{slices}: {r['chips']} x {r['device_kind']} chips ({r['topology']}), "
-      f"{g(r['hbm_bytes'])} HBM each; mesh {mesh}, rules {r['rules']}",
+      f"{g(r.get('chip_hbm_bytes', r['hbm_bytes']))} HBM each ({g(r['hbm_bytes'])} available to a program, as "
+      f"libtpu reports); mesh {mesh}, rules {r['rules']}",
       f"batch    {r['batch_size']}{' pairs x 2' if r['rows'] == 2 else ''} x {r['seq_len']} tokens (global), "
       f"grad_accum_steps {r['grad_accum_steps']}",
   ]
