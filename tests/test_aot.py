@@ -75,7 +75,8 @@ def test_user_errors_are_one_line_with_status_2():
 
 @pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed")
 def test_without_libtpu_it_says_how_to_get_it():
-  rc, _, log = aot("--config=configs/pretrain.py:size=tiny", "--slice=v5e-4")
+  # A valid config (the config is checked first, without libtpu: --check_only).
+  rc, _, log = aot("--config=configs/pretrain.py:size=tiny", "--slice=v5e-4", "--seq_len=128")
   assert rc == 2 and log.strip() == ("error: libtpu is not installed: pip install -e '.[tpu]' "
                                      "(or set TPU_LIBRARY_PATH to libtpu.so)")
 
@@ -140,3 +141,37 @@ def test_documented_launches_pass_the_pre_compile_checks(what, args):
                        timeout=300, check=False)
   assert out.returncode == 0, f"{what}\n{out.stdout}{out.stderr}"
   assert out.stdout.startswith("checks pass:"), out.stdout
+
+
+def _table_tool():
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import aot_table  # pylint: disable=import-outside-toplevel
+  return aot_table
+
+
+def test_the_table_tool_compiles_one_sequence_a_chip_and_rewrites_only_its_block(tmp_path):
+  t = _table_tool()
+  assert t.cell_args("7b", "dpo", "v5p-32") == ["--config=configs/dpo.py", "--preset=7b", "--slice=v5p-32",
+                                                 "--batch_size=16", "--seq_len=4096", "--remat=full", "--json"]
+  assert t.cell_args("1b", "qlora", "v5e-16")[:3] == ["--config=configs/lora.py:qlora", "--preset=1b",
+                                                      "--slice=v5e-16"]
+  row = t.table_row(dict(preset="7b", peft="lora", loss="next_token", slice="v5e-4", batch_size=4, rows=1,
+                         seq_len=4096, compiled=True, fits=True, argument_bytes=3.59 * 2**30,
+                         temp_bytes=5.18 * 2**30, peak_bytes=8.85 * 2**30, hbm_bytes=15.75 * 2**30,
+                         roofline_step_s=0.5, roofline_bound="compute", roofline_tokens_per_s=32768.0))
+  assert row == ("| 7b | lora | v5e-4 | 4 x 4096 | 3.59 + 5.18 = 8.85 | 15.75 | fits | 0.50 s (compute), "
+                 "32.8k tok/s |")
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{t.BEGIN}\nold table\n{t.END}\noutro\n", encoding="utf-8")
+  for _ in range(2):  # re-runnable: the block is replaced, the rest kept
+    t.write_readme("| new |", str(readme))
+  assert readme.read_text(encoding="utf-8") == f"intro\n{t.BEGIN}\n| new |\n{t.END}\noutro\n"
+
+
+def test_the_readme_table_is_the_tools():
+  # Every row between the markers has the tool's columns: it was written by tools/aot_table.py.
+  t = _table_tool()
+  text = _section("Will it fit? (AOT)")
+  block = text.split(t.BEGIN, 1)[1].split(t.END, 1)[0].strip().splitlines()
+  assert block[:2] == t.HEADER.splitlines() and len(block) > 2
+  assert all(line.count("|") == t.HEADER.splitlines()[0].count("|") for line in block)

@@ -11,16 +11,20 @@
 
 `jax.experimental.topologies` makes compile-only devices of the named slice
 (v4-N and v5p-N count TensorCores, two per chip; v5e-N, v5litepod-N and v6e-N
-count chips; or a topology such as v5p:4x4x12), the config's mesh is laid over
-them, and the train step the trainer runs (`jit_train_step`: same state,
-shardings, loss, optimizer and donation) is lowered with abstract inputs and
+count chips; or a topology such as v5p:4x4x12). The config is built over them
+by the trainer's own path (lmstack/train/build.py, `built_for`: the same mesh,
+state, shardings, loss, optimizer and donation), so the program compiled is the
+one `lmstack.main` runs; its train step is lowered with abstract inputs and
 compiled by libtpu. It prints per-chip memory from XLA's buffer assignment
-(arguments, outputs not aliased to donated inputs, temporaries, code; their
-sum is the peak) against the chip's HBM, and the FLOPs per step. It exits 1
-when the step does not fit, 2 on a usage error (one line). A DPO reference
-copy (`dpo.reference=copy`) is resident beside the step and counted. When the
-sharded state alone exceeds HBM the step is not compiled (`--compile_anyway`
-compiles it).
+(arguments, outputs not aliased to donated inputs, temporaries, code; their sum
+is the peak) against the HBM libtpu says a program may use (`available_hbm`),
+the FLOPs per step and a roofline lower bound on the step time (`roofline`). It
+exits 1 when the step does not fit, 2 on a usage error (one line);
+`--check_only` runs only the checks that need no compiler (config, mesh over
+the slice's chips, batch split). A DPO reference copy (`dpo.reference=copy`) is
+resident beside the step and counted. When the sharded state alone exceeds HBM
+the step is not compiled (`--compile_anyway` compiles it). tools/aot_table.py
+runs it over presets, stages and slices for the README's table.
 
 Any config field is overridable (--config.train.grad_accum_steps=4); the flags
 --preset, --batch_size, --seq_len, --remat, --mesh_shape and --rules are
@@ -71,8 +75,16 @@ _CHECK_ONLY = flags.DEFINE_bool("check_only", False, "Only the checks that need 
 flags.mark_flags_as_required(["config", "slice"])
 
 GiB = 2**30
-# HBM per chip (Google's Cloud TPU system-architecture pages), by device_kind.
-HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+# Per chip, by device_kind: HBM (GiB), peak dense bf16 FLOP/s and HBM bandwidth (bytes/s), as Google
+# publishes them on the Cloud TPU pages of each generation (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
+# /v6e: "Peak compute per chip (bf16)", "HBM2/HBM bandwidth"). The one table of chip figures.
+CHIPS = {
+    "TPU v4": dict(hbm_gib=32, bf16_flops=275e12, hbm_bandwidth=1200e9),
+    "TPU v5 lite": dict(hbm_gib=16, bf16_flops=197e12, hbm_bandwidth=819e9),
+    "TPU v5": dict(hbm_gib=95, bf16_flops=459e12, hbm_bandwidth=2765e9),
+    "TPU v6 lite": dict(hbm_gib=32, bf16_flops=918e12, hbm_bandwidth=1640e9),
+}
+HBM_GIB = {kind: chip["hbm_gib"] for kind, chip in CHIPS.items()}
 _FAMILY = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
 # The 2D shapes of the v5e and v6e slices, by chips (one host up to 8 chips, then 4 a host).
 _2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -193,7 +205,24 @@ def compile_step(config, slice_name, num_slices=1, compile_anyway=False):
   out = compile_built(config, devices, dict(slice=slice_name, num_slices=num_slices, topology=topology), hbm,
                       compile_anyway)
   out["chip_hbm_bytes"] = HBM_GIB[kind] * GiB
+  out.update(roofline(out, CHIPS[kind]))
   return out
+
+
+def roofline(r, chip):
+  """A lower bound on the step time: the model's FLOPs a chip (6N + attention per token, exact) at the
+  chip's peak bf16 FLOP/s, or the bytes the compiled program moves through HBM (XLA's cost analysis) at
+  its bandwidth, whichever takes longer. XLA counts a scanned layer's bytes once, so the HBM term is
+  itself a lower bound; no collective time, no imperfect overlap: real steps are slower."""
+  if not r.get("compiled"):
+    return {}
+  compute_s = r["model_flops_per_chip"] / chip["bf16_flops"]
+  memory_s = r["xla_bytes_per_chip"] / chip["hbm_bandwidth"]
+  step_s = max(compute_s, memory_s)
+  return dict(roofline_compute_s=compute_s, roofline_memory_s=memory_s, roofline_step_s=step_s,
+              roofline_bound="compute" if compute_s >= memory_s else "HBM",
+              roofline_tokens_per_s=r["batch_size"] * r["rows"] * r["seq_len"] / step_s,
+              peak_bf16_flops=chip["bf16_flops"], hbm_bandwidth=chip["hbm_bandwidth"])
 
 
 def precheck(config, slice_name, num_slices=1):
@@ -282,7 +311,8 @@ def compile_built(config, devices, where, hbm, compile_anyway=False):
           + reference)
   out.update(compiled=True, lower_s=t1 - t0, compile_s=t2 - t1, argument_bytes=ma.argument_size_in_bytes,
              output_bytes=unaliased_out, temp_bytes=ma.temp_size_in_bytes, code_bytes=ma.generated_code_size_in_bytes,
-             peak_bytes=peak, fits=peak <= hbm, xla_flops_per_chip=float((cost or {}).get("flops", 0.0)))
+             peak_bytes=peak, fits=peak <= hbm, xla_flops_per_chip=float((cost or {}).get("flops", 0.0)),
+             xla_bytes_per_chip=float((cost or {}).get("bytes accessed", 0.0)))
   return out
 
 
@@ -312,6 +342,11 @@ def report(r):
     lines.append(f"flops    {r['model_flops_per_step']:.3e} per step (model: 6N + attention), "
                  f"{r['model_flops_per_chip']:.3e} per chip; XLA counts {r['xla_flops_per_chip']:.3e} per chip "
                  "(a scanned layer once)")
+    if r.get("roofline_step_s"):
+      lines.append(f"roofline at least {r['roofline_step_s']:,.3f} s a step, at most "
+                   f"{r['roofline_tokens_per_s']:,.0f} tokens/s ({r['roofline_bound']}-bound: model FLOPs at "
+                   f"{r['peak_bf16_flops'] / 1e12:,.0f} TFLOP/s {r['roofline_compute_s']:,.3f} s, XLA's HBM bytes "
+                   f"at {r['hbm_bandwidth'] / 1e9:,.0f} GB/s {r['roofline_memory_s']:,.3f} s)")
   else:
     lines.append(f"per chip state {g(r['state_bytes'])}"
                  + (f" + reference {g(r['reference_bytes'])}" if r["reference_bytes"] else "")

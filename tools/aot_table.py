@@ -1,0 +1,123 @@
+"""The README's "Will it fit?" table: every (preset, method, slice) compiled by tools/aot_compile.py.
+
+  pip install -e '.[tpu]'
+  python tools/aot_table.py                                   # 1b, 7b, 70b x full, lora, qlora, dpo x 3 slices
+  python tools/aot_table.py --presets=1b --slices=v5e-16 --write_readme=false
+
+Each cell is one `aot_compile.py --json` process (the tool's lock keeps them one at a time): the stage
+config of the method (full: configs/pretrain.py:size=P; lora: configs/lora.py; qlora: configs/lora.py:qlora;
+dpo: configs/dpo.py, full fine-tuning against a frozen copy) with the preset, one sequence (a DPO pair)
+per chip of the preset's full context, full rematerialisation. The markdown table goes to stdout and,
+with --write_readme, between the README's `<!-- aot-table:begin -->` and `<!-- aot-table:end -->` lines,
+so re-running it refreshes the table. A cell whose compile fails for another reason than memory stops
+the tool (exit 1) and names the command.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
+README = os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+CONTEXT = {"1b": 2048, "7b": 4096, "70b": 4096}  # the presets' max_seq_len
+METHODS = {  # method -> aot_compile.py --config and flags
+    "full": lambda preset: [f"--config=configs/pretrain.py:size={preset}"],
+    "lora": lambda preset: ["--config=configs/lora.py", f"--preset={preset}"],
+    "qlora": lambda preset: ["--config=configs/lora.py:qlora", f"--preset={preset}"],
+    "dpo": lambda preset: ["--config=configs/dpo.py", f"--preset={preset}"],
+}
+
+_PRESETS = flags.DEFINE_list("presets", ["1b", "7b", "70b"], "Model presets.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "Stages: full, lora, qlora, dpo.")
+_SLICES = flags.DEFINE_list("slices", ["v5e-16", "v5p-32", "v6e-16"], "Slices (aot_compile.py --slice).")
+_WRITE = flags.DEFINE_bool("write_readme", True, "Replace the table between the README's markers.")
+
+
+def cell_args(preset, method, slice_name):
+  """aot_compile.py's arguments for one cell."""
+  chips = chips_of(slice_name)
+  return [*METHODS[method](preset), f"--slice={slice_name}", f"--batch_size={chips}",
+          f"--seq_len={CONTEXT[preset]}", "--remat=full", "--json"]
+
+
+def chips_of(slice_name):
+  """Chips of a slice name: v4-N and v5p-N count TensorCores (2 a chip), the others chips."""
+  family, _, n = slice_name.partition("-")
+  return int(n) // 2 if family in ("v4", "v5p") else int(n)
+
+
+def run_cell(args):
+  """(the figures, seconds) of one aot_compile.py run; exit 0 and 1 both carry figures."""
+  t0 = time.perf_counter()
+  out = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT, check=False)
+  rows = [json.loads(l[len("RESULT "):]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+  if out.returncode not in (0, 1) or not rows:
+    raise RuntimeError(f"python tools/aot_compile.py {' '.join(args)} failed:\n{out.stderr[-2000:]}")
+  return rows[0], time.perf_counter() - t0
+
+
+def gib(b):
+  return f"{b / 2**30:,.2f}"
+
+
+def table_row(r):
+  """One markdown row of aot_compile.py's figures."""
+  peak = gib(r["peak_bytes"]) if r.get("peak_bytes") else "?"
+  if r["compiled"]:
+    memory = f"{gib(r['argument_bytes'])} + {gib(r['temp_bytes'])} = {peak}"
+    roof = (f"{r['roofline_step_s']:,.2f} s ({r['roofline_bound']}), {r['roofline_tokens_per_s'] / 1e3:,.1f}k tok/s"
+            if r.get("roofline_step_s") else "")
+  else:
+    memory, roof = f"at least {peak}", ""
+  verdict = "fits" if r["fits"] else "DOES NOT FIT"
+  rows = " pairs" if r["rows"] == 2 else ""
+  method = "dpo" if r["loss"] == "dpo" else "full" if r["peft"] == "none" else r["peft"]
+  return (f"| {r['preset']} | {method} | {r['slice']} | "
+          f"{r['batch_size']}{rows} x {r['seq_len']} | {memory} | {gib(r['hbm_bytes'])} | {verdict} | {roof} |")
+
+
+HEADER = ("| preset | method | slice | batch x tokens | per chip GiB: arguments + temporaries = peak (code aside) | "
+          "available GiB | verdict | roofline step (bound), tokens/s |\n|---|---|---|---|---|---|---|---|")
+
+
+def write_readme(table, path=README):
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if BEGIN not in text or END not in text:
+    raise SystemExit(f"error: {path} has no {BEGIN} ... {END} lines to write the table between")
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_METHODS.value) - set(METHODS)) + sorted(set(_PRESETS.value) - set(CONTEXT))
+  if unknown:
+    raise SystemExit(f"error: unknown methods or presets {unknown}; expected {sorted(METHODS)} and {sorted(CONTEXT)}")
+  lines = [HEADER]
+  cells = [(p, m, s) for p in _PRESETS.value for m in _METHODS.value for s in _SLICES.value]
+  for i, (preset, method, slice_name) in enumerate(cells, 1):
+    try:
+      r, seconds = run_cell(cell_args(preset, method, slice_name))
+    except RuntimeError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    lines.append(table_row(r))
+    print(f"[{i}/{len(cells)}] {preset} {method} {slice_name}: {'fits' if r['fits'] else 'does not fit'} "
+          f"({seconds:,.0f} s)", file=sys.stderr, flush=True)
+  table = "\n".join(lines)
+  print(table)
+  if _WRITE.value:
+    write_readme(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
