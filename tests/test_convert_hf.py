@@ -327,11 +327,11 @@ def test_export_from_training_workdir(tmp_path):
   from configs import pretrain
   from lmstack import checkpoint as ckpt_lib
   from lmstack.data.tokenizer import Tokenizer
-  from lmstack.train import optim, trainer
+  from lmstack.train import build, optim
   from lmstack.train.state import init_sharded
 
   config = pretrain.get_config("runlocal")
-  cfg = dataclasses.replace(trainer.model_config(config), dtype="float32", init_std=0.2)
+  cfg = dataclasses.replace(build.model_config(config), dtype="float32", init_std=0.2)
   tx, _ = optim.make_optimizer(config.optim, 10)
   mesh = sharding.make_mesh((1, -1, 1))
   state, _ = init_sharded(cfg, ".*", tx, mesh, sharding.resolve_rules("fsdp"), seed=0).init()

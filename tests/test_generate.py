@@ -86,7 +86,7 @@ def test_generate_tool_on_a_trained_checkpoint(tmp_path):
 
   from configs import pretrain
   from lmstack import checkpoint as ckpt_lib
-  from lmstack.train import trainer
+  from lmstack.train import build, trainer
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = pretrain.get_config("runlocal")
   config.train.update(steps=2, eval_every=0)
@@ -94,7 +94,7 @@ def test_generate_tool_on_a_trained_checkpoint(tmp_path):
 
   # Parameters alone equal the full training state's parameters.
   full = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
-  cfg = trainer.model_config(config)
+  cfg = build.model_config(config)
   params, cfg2, meta = ckpt_lib.restore_params(str(tmp_path))
   assert cfg2 == cfg and meta["model"]["d_model"] == cfg.d_model
   raw = full.manager.restore(2)["state"]["params"]

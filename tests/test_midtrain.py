@@ -23,7 +23,7 @@ from lmstack.data import mixture
 from lmstack.data.tokenizer import load_tokenizer
 from lmstack.errors import CheckpointError
 from lmstack.model.transformer import PRESETS
-from lmstack.train import optim, trainer
+from lmstack.train import build, optim, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "lmstack", "assets", "tokenizer", "default.model")
@@ -232,7 +232,7 @@ def test_long_context_128_to_512(tmp_path):
   config = extend.get_config(f"init_from={tmp_path / 'short'},domain=python_docs,replay=0.0,seq_len=512,rope=pi,"
                              "lr=1e-3,runlocal")
   config.train.update(steps=5, seq_len=512, batch_size=8, eval_every=0, log_every=1)
-  long_cfg = trainer.model_config(config)
+  long_cfg = build.model_config(config)
   assert long_cfg.max_seq_len == 512 and long_cfg.rope_scaling_factor == 4.0
 
   data = mixture.only_source(config.data, "python_docs")

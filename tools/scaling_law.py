@@ -244,7 +244,7 @@ def sweep_config(width, steps, *, layers=2, batch_size=8, seq_len=128, lr=3e-3, 
 
 def run_sweep(workdir, widths, steps_list, *, count="total", log=print, **kw):
   """Trains every (width, steps) pair not yet in workdir/results.jsonl; returns all rows."""
-  from lmstack.train import trainer
+  from lmstack.train import build, trainer
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, "results.jsonl")
   done = {}
@@ -261,7 +261,7 @@ def run_sweep(workdir, widths, steps_list, *, count="total", log=print, **kw):
         rows.append(done[(width, steps)])
         continue
       config = sweep_config(width, steps, **kw)
-      model_cfg = trainer.model_config(config)
+      model_cfg = build.model_config(config)
       tokens = steps * config.train.batch_size * config.train.seq_len
       n = model_cfg.num_params(embeddings=count == "total")
       log(f"sweep: width {width} ({model_cfg.num_params():,} params, {model_cfg.num_params(False):,} "
