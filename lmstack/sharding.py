@@ -125,7 +125,7 @@ def device_grid(shape, devices, dcn_shape=None):
 
 def physical_grid(shape, devices):
   """`devices` as an array of `shape` that follows the hardware: on TPU, mesh_utils lays the mesh's
-  last axes (`tensor`, then `fsdp`: the most traffic) along the torus's rings, so neighbours on an axis
+  last axes (`tensor`, `sequence`, then `fsdp`: the most traffic) along the torus's rings, so neighbours on an axis
   are neighbours on the chip interconnect; GPUs are ordered by id; other devices keep their order.
   A shape the torus cannot be cut into (mesh_utils refuses it even splitting physical axes) keeps the
   given order, as the devices are numbered."""
@@ -139,7 +139,7 @@ def physical_grid(shape, devices):
 
 
 def make_mesh(shape, devices=None, dcn_shape=None):
-  """A mesh over (data, fsdp, tensor); one -1 entry takes the rest (see `device_grid`)."""
+  """A mesh over MESH_AXES (a 3-entry shape: sequence 1); one -1 entry takes the rest (see `device_grid`)."""
   devices = jax.devices() if devices is None else devices
   return Mesh(device_grid(shape, devices, dcn_shape), MESH_AXES)
 

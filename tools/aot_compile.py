@@ -229,16 +229,11 @@ def precheck(config, slice_name, num_slices=1):
   """What the trainer would refuse on the slice, without libtpu: the config's fields, its mesh over the
   slice's chips (one JAX device a chip: v4 and v5p run megacore) and the batch split over the mesh's
   batch axes. Returns the mesh shape {axis: size}; one-line ConfigErrors."""
-  from lmstack import sharding
   from lmstack.train import build, trainer
   topology, _ = slice_topology(slice_name)
   n = math.prod(int(d) for d in topology.split(":")[1].split("x")) * num_slices
   trainer.validate(config, build.model_config(config), n)
-  ici, dcn = sharding.grid_shape(tuple(config.mesh.shape), n, tuple(config.mesh.get("dcn_shape", (1, 1, 1))),
-                                 num_slices)
-  shape = dict(zip(sharding.MESH_AXES, (i * d for i, d in zip(ici, dcn))))
-  build.check_batch(config, shape, sharding.resolve_rules(config.mesh.rules))
-  return shape
+  return build.mesh_shape_for(config, n, num_slices)
 
 
 def built_for(config, devices):
@@ -258,6 +253,7 @@ def lower_step(config, devices):
 def compile_built(config, devices, where, hbm, compile_anyway=False):
   """The figures of `config`'s step over `devices` (`where`: slice, num_slices, topology) against `hbm` bytes."""
   import jax
+  from lmstack.data import datasets
   from lmstack.train import losses
   kind = devices[0].device_kind
   t = config.train
@@ -273,14 +269,14 @@ def compile_built(config, devices, where, hbm, compile_anyway=False):
         m.abstract_frozen, m.frozen_sh)
   elif losses.is_preference(config.loss) and config.dpo.reference == "adapters_off":
     reference = per_chip_bytes(m.abstract_state["params"], m.state_sh["params"])  # the zeroed adapters
-  rows = 2 if config.data.get("kind") == "preference" else 1  # a preference pair is two rows
+  rows = datasets.rows_per_example(config.data)  # a preference pair is two rows
   flops_per_token = b.flops_per_token()
   out = dict(**where, device_kind=kind, chips=len(devices),
              mesh=dict(mesh.shape), rules=config.mesh.rules, preset=config.model.get("preset", ""),
              peft=model_cfg.peft.method, loss=config.loss, remat=model_cfg.remat, batch_size=t.batch_size,
              seq_len=t.seq_len, rows=rows, grad_accum_steps=t.grad_accum_steps, params=n_params + n_frozen,
              trainable=n_params, hbm_bytes=hbm, state_bytes=state_bytes, reference_bytes=reference,
-             model_flops_per_step=flops_per_token * t.batch_size * rows * t.seq_len)
+             model_flops_per_step=flops_per_token * b.tokens_per_step())
   out["model_flops_per_chip"] = out["model_flops_per_step"] / len(devices)
   if state_bytes + reference > hbm and not compile_anyway:
     out.update(compiled=False, fits=False, peak_bytes=state_bytes + reference,

@@ -56,6 +56,16 @@ def mesh_for(config, devices=None):
   return mesh, rules
 
 
+def mesh_shape_for(config, n_devices, n_slices=1):
+  """What `mesh_for` checks, without devices: {axis: size} of `config.mesh` over `n_devices` in `n_slices`
+  equal slices, the batch split checked (tools/aot_compile.py --check_only)."""
+  ici, dcn = sharding.grid_shape(tuple(config.mesh.shape), n_devices,
+                                 tuple(config.mesh.get("dcn_shape", (1, 1, 1))), n_slices)
+  shape = dict(zip(sharding.MESH_AXES, (i * d for i, d in zip(ici, dcn))))
+  check_batch(config, shape, sharding.resolve_rules(config.mesh.rules))
+  return shape
+
+
 def check_batch(config, mesh_shape, rules):
   """The global batch (per micro-batch) splits evenly over the mesh's batch axes ({axis: size})."""
   t = config.train
@@ -89,11 +99,11 @@ class Built:
   train_step: object  # jit(state, frozen, batch) -> (state, metrics), the state donated
   eval_step: object  # jit(params, frozen, batch) -> (loss_sum, weight, metric sums)
 
-  def batch_spec(self, batch_size=None):
+  def batch_spec(self):
     """ShapeDtypeStructs of the global batch the trainer feeds the train step (the data pipeline's
     fields; a preference batch also carries the reference's log-probabilities, lmstack/train/reference.py)."""
     t = self.config.train
-    batch_size = batch_size or t.batch_size
+    batch_size = t.batch_size
     kind = self.config.data.get("kind", "lm")
     names = ["inputs", "targets", "segment_ids", "positions"] + (["loss_mask"] if kind in ("sft", "preference")
                                                                  else [])

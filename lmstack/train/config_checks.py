@@ -18,6 +18,7 @@ import numbers
 
 from lmstack import sharding
 from lmstack.errors import ConfigError, show
+from lmstack.train.state import FROZEN_DTYPES
 
 
 def is_int(v):
@@ -63,8 +64,7 @@ FIELDS = {
     "loss": _STR,
     "trainable": _STR,
     "init_from": _STR,
-    "frozen_dtype?": (lambda v: v in ("auto", "float32"), "'auto' (frozen matmul weights in model.dtype) or "
-                      "'float32'"),
+    "frozen_dtype?": (lambda v: v in FROZEN_DTYPES, "'auto' (frozen matmul weights in model.dtype) or 'float32'"),
     "train.steps": (_at_least(1), "an integer >= 1"),
     "train.batch_size": (_at_least(1), "an integer >= 1 (sequences per step, global)"),
     "train.seq_len": (_at_least(2), "an integer >= 2 (tokens per row)"),
