@@ -139,6 +139,10 @@ _BAD_VALUES = [
     ("mesh.shape", (0, -1, 1), "config.mesh.shape=(0, -1, 1); expected 3 integers"),
     ("mesh.shape", ("a", -1, 1), "config.mesh.shape=('a', -1, 1); expected 3 integers"),
     ("mesh.shape", "(1,-1,1)", "config.mesh.shape='(1,-1,1)'; expected 3 integers"),
+    ("mesh.shape", (1, -1, 2, 1, 1), "config.mesh.shape=(1, -1, 2, 1, 1); expected 3 integers (data, fsdp, tensor) "
+     "or 4 (data, fsdp, sequence, tensor)"),
+    ("frozen_dtype", "bfloat16", "config.frozen_dtype='bfloat16'; expected 'auto' (frozen matmul weights in "
+     "model.dtype) or 'float32'"),
     ("mesh.rules", [("embed", 3)], "config.mesh.rules=[('embed', 3)]; expected fsdp, fsdp_tp, dp or a list"),
     ("seed", 1.5, "config.seed=1.5; expected a 64-bit integer"),
     ("seed", 2**64, "config.seed=18446744073709551616; expected a 64-bit integer"),
