@@ -168,6 +168,19 @@ def test_the_table_tool_compiles_one_sequence_a_chip_and_rewrites_only_its_block
   assert readme.read_text(encoding="utf-8") == f"intro\n{t.BEGIN}\n| new |\n{t.END}\noutro\n"
 
 
+def test_the_table_tool_keeps_the_rows_of_cells_it_did_not_run(tmp_path):
+  t = _table_tool()
+  readme = tmp_path / "README.md"
+  old = ["| 1b | full | v5e-16 | old |", "| 1b | dpo | v5e-16 | old |", "| 7b | full | v5e-16 | old |"]
+  readme.write_text(f"{t.BEGIN}\n{t.HEADER}\n" + "\n".join(old) + f"\n{t.END}\n", encoding="utf-8")
+  rows = t.readme_rows(str(readme))
+  assert list(rows) == [("1b", "full", "v5e-16"), ("1b", "dpo", "v5e-16"), ("7b", "full", "v5e-16")]
+  # Re-running 7b full and adding 1b lora: the 7b row is replaced, 1b lora goes between full and dpo.
+  merged = t.merge(["| 7b | full | v5e-16 | new |", "| 1b | lora | v6e-16 | new |"], rows)
+  assert merged == ["| 1b | full | v5e-16 | old |", "| 1b | lora | v6e-16 | new |", "| 1b | dpo | v5e-16 | old |",
+                    "| 7b | full | v5e-16 | new |"]
+
+
 def test_the_readme_table_is_the_tools():
   # Every row between the markers has the tool's columns: it was written by tools/aot_table.py.
   t = _table_tool()

@@ -9,7 +9,7 @@ config of the method (full: configs/pretrain.py:size=P; lora: configs/lora.py; q
 dpo: configs/dpo.py, full fine-tuning against a frozen copy) with the preset, one sequence (a DPO pair)
 per chip of the preset's full context, full rematerialisation. The markdown table goes to stdout and,
 with --write_readme, between the README's `<!-- aot-table:begin -->` and `<!-- aot-table:end -->` lines,
-so re-running it refreshes the table. A cell whose compile fails for another reason than memory stops
+so re-running it refreshes the table; rows of cells not run now are kept (--keep=false drops them). A cell whose compile fails for another reason than memory stops
 the tool (exit 1) and names the command.
 """
 
@@ -37,6 +37,8 @@ _PRESETS = flags.DEFINE_list("presets", ["1b", "7b", "70b"], "Model presets.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "Stages: full, lora, qlora, dpo.")
 _SLICES = flags.DEFINE_list("slices", ["v5e-16", "v5p-32", "v6e-16"], "Slices (aot_compile.py --slice).")
 _WRITE = flags.DEFINE_bool("write_readme", True, "Replace the table between the README's markers.")
+_KEEP = flags.DEFINE_bool("keep", True, "Keep the README table's rows of cells not run now (--presets=7b then "
+                          "refreshes only the 7b rows); false writes only the cells run now.")
 
 
 def cell_args(preset, method, slice_name):
@@ -86,15 +88,40 @@ HEADER = ("| preset | method | slice | batch x tokens | per chip GiB: arguments 
           "available GiB | verdict | roofline step (bound), tokens/s |\n|---|---|---|---|---|---|---|---|")
 
 
-def write_readme(table, path=README):
+def _split_readme(path):
   with open(path, encoding="utf-8") as f:
     text = f.read()
   if BEGIN not in text or END not in text:
     raise SystemExit(f"error: {path} has no {BEGIN} ... {END} lines to write the table between")
   head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  with open(path, "w", encoding="utf-8") as f:
+  block, tail = rest.split(END, 1)
+  return head, block, tail
+
+
+def row_key(row):
+  """(preset, method, slice) of a markdown table row."""
+  return tuple(c.strip() for c in row.strip().strip("|").split("|")[:3])
+
+
+def readme_rows(path=README):
+  """The data rows of the README's table, by (preset, method, slice)."""
+  _, block, _ = _split_readme(path)
+  rows = [l for l in block.strip().splitlines() if l.startswith("|")][2:]  # past the header and rule
+  return {row_key(r): r for r in rows}
+
+
+def merge(new_rows, old_rows):
+  """Rows in preset, method, slice order: the new ones, and the old ones of cells not run now."""
+  rows = {**old_rows, **{row_key(r): r for r in new_rows}}
+  order = {k: i for i, k in enumerate(CONTEXT)}, {k: i for i, k in enumerate(METHODS)}
+  return [rows[k] for k in sorted(rows, key=lambda k: (order[0].get(k[0], 99), order[1].get(k[1], 99), k[2]))]
+
+
+def write_readme(table, path=README):
+  head, _, tail = _split_readme(path)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never leaves half a README
     f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+  os.replace(path + ".tmp", path)
 
 
 def main(argv):
@@ -102,7 +129,7 @@ def main(argv):
   unknown = sorted(set(_METHODS.value) - set(METHODS)) + sorted(set(_PRESETS.value) - set(CONTEXT))
   if unknown:
     raise SystemExit(f"error: unknown methods or presets {unknown}; expected {sorted(METHODS)} and {sorted(CONTEXT)}")
-  lines = [HEADER]
+  lines = []
   cells = [(p, m, s) for p in _PRESETS.value for m in _METHODS.value for s in _SLICES.value]
   for i, (preset, method, slice_name) in enumerate(cells, 1):
     try:
@@ -111,9 +138,13 @@ def main(argv):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
     lines.append(table_row(r))
+    if _WRITE.value and _KEEP.value:  # each cell lands as it is measured: a stopped run keeps what it did
+      write_readme("\n".join([HEADER, *merge(lines, readme_rows())]))
     print(f"[{i}/{len(cells)}] {preset} {method} {slice_name}: {'fits' if r['fits'] else 'does not fit'} "
           f"({seconds:,.0f} s)", file=sys.stderr, flush=True)
-  table = "\n".join(lines)
+  if _WRITE.value and _KEEP.value:
+    lines = merge(lines, readme_rows())
+  table = "\n".join([HEADER, *lines])
   print(table)
   if _WRITE.value:
     write_readme(table)
