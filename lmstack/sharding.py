@@ -211,6 +211,14 @@ def logical_size(name):
   return math.prod(mesh.shape[a] for a in rules.get(name, ()))
 
 
+def platform():
+  """The platform the traced program is for: the active mesh's devices' ("tpu" for AOT topology devices),
+  else JAX's default backend."""
+  if _ACTIVE is None:
+    return jax.default_backend()
+  return _ACTIVE[0].devices.flat[0].platform
+
+
 def constrain(x, axes):
   """Sharding constraint by logical names; a no-op outside `use`."""
   if _ACTIVE is None:

@@ -12,7 +12,8 @@ from flax import nnx
 from lmstack import checkpoint as ckpt_lib
 from lmstack import sharding
 from lmstack.model import peft
-from lmstack.model.transformer import PRESETS, Transformer, _attend
+from lmstack.model import attention as attention_lib
+from lmstack.model.transformer import PRESETS, Transformer
 from lmstack.train import losses, optim
 from lmstack.train import state as state_lib
 
@@ -216,8 +217,9 @@ def test_prompt_tuning_equals_virtual_tokens_in_the_input(base):
   np.testing.assert_allclose(tuned(tokens), expected, atol=2e-5)
 
 
-def test_prefix_keys_are_seen_by_every_query():
-  """`_attend` with a prefix == attention over [prefix; keys] with the prefix
+@pytest.mark.parametrize("impl", ["materialize", "flash"])
+def test_prefix_keys_are_seen_by_every_query(impl):
+  """Attention with a prefix == attention over [prefix; keys] with the prefix
   visible to all queries, computed here in numpy."""
   rng = np.random.default_rng(0)
   b, t, k, g, h, p = 2, 6, 2, 2, 4, 3
@@ -225,7 +227,13 @@ def test_prefix_keys_are_seen_by_every_query():
   keys, vals = (rng.normal(size=(b, t, k, h)).astype(np.float32) for _ in range(2))
   pk, pv = (rng.normal(size=(p, k, h)).astype(np.float32) for _ in range(2))
   causal = np.tril(np.ones((t, t), bool))
-  out = _attend(q, keys, vals, jnp.asarray(causal)[None, None, None], jnp.float32, (pk, pv))
+  pos = np.broadcast_to(np.arange(t), (b, t))
+  mask = attention_lib.Mask(pos, pos, np.ones((b, t), np.int32), np.ones((b, t), np.int32))
+  mm = lambda eq, x, y: jnp.einsum(eq, x, y, precision="highest")
+  if impl == "flash":  # blocks of 2: three query blocks, the prefix merged by log-sum-exp
+    out = attention_lib.flash(q, keys, vals, mask, jnp.float32, 2, (pk, pv))
+  else:
+    out = attention_lib.materialize(q, keys, vals, mask.dense(), jnp.float32, mm, (pk, pv))
   all_k = np.concatenate([np.broadcast_to(pk, (b, p, k, h)), keys], 1)
   all_v = np.concatenate([np.broadcast_to(pv, (b, p, k, h)), vals], 1)
   mask = np.concatenate([np.ones((t, p), bool), causal], 1)

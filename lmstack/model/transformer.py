@@ -25,6 +25,7 @@ from flax import nnx
 
 from lmstack import sharding
 from lmstack.errors import show
+from lmstack.model import attention as attention_lib
 from lmstack.model import peft as peft_lib
 from lmstack.model.peft import PeftConfig
 
@@ -39,6 +40,7 @@ REMAT_POLICIES = {
 
 # Matmul input dtypes (`ModelConfig.dtype`); accumulation is float32.
 DTYPES = ("bfloat16", "float32", "float16")
+ATTENTION_IMPLS = ("auto", "flash", "splash", "materialize", "xla", "cudnn")
 
 _TYPES = {
     int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
@@ -79,18 +81,20 @@ class ModelConfig:
   rope_original_max_len: int = 8192  # llama3 only
   sliding_window: int = 0  # 0: full causal attention (Mistral: 4096)
   qkv_bias: bool = False  # Qwen2
-  # Causal attention in query blocks of this size, each attending only to the
-  # keys up to its end: skips the masked upper triangle (~40% of the work at
-  # 4 blocks) and keeps each block's scores small. 0: one block.
+  # Training attention (no KV cache): "auto" (splash on TPU, cudnn on GPU,
+  # flash elsewhere), "flash" (online softmax over blocks, recomputed in the
+  # backward pass: O(T) memory, lmstack/model/attention.py), "splash" (the
+  # Pallas TPU kernel), "materialize" (float32 scores of each query block over
+  # its keys, kept for the backward pass: the reference), or
+  # jax.nn.dot_product_attention's "xla" or "cudnn".
+  attention_impl: str = "auto"
+  # Query (and flash: key) block: causal blocks skip the masked upper
+  # triangle and keep each block's scores small. 0: one block.
   attention_block: int = 128
   # The output projection and cross-entropy of training run over blocks of
   # this many positions (lmstack/train/losses.py), so the float32 logits of
   # the whole batch never exist at once. 0: one block.
   loss_block: int = 128
-  # Training attention (no cache, no prefix adapters): "lmstack" (the blocked
-  # einsums above), or jax.nn.dot_product_attention with implementation "xla"
-  # or "cudnn" (fused attention on NVIDIA GPUs).
-  attention_impl: str = "lmstack"
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = "bfloat16"  # matmul input dtype; accumulation is float32
@@ -135,8 +139,13 @@ class ModelConfig:
                        f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
     if self.rope_scaling not in ("none", "linear", "llama3"):
       raise ValueError(f"model.rope_scaling={self.rope_scaling!r}; expected none, linear or llama3")
-    if self.attention_impl not in ("lmstack", "xla", "cudnn"):
-      raise ValueError(f"model.attention_impl={self.attention_impl!r}; expected lmstack, xla or cudnn")
+    if self.attention_impl == "lmstack":  # the name of "materialize" in checkpoints before flash attention
+      object.__setattr__(self, "attention_impl", "materialize")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl={self.attention_impl!r}; expected one of {', '.join(ATTENTION_IMPLS)}")
+    if self.attention_impl in ("xla", "cudnn") and self.peft.method in ("prefix", "prompt"):
+      raise ValueError(f"model.attention_impl={self.attention_impl!r} has no keys shared by every query; "
+                       f"peft.method={self.peft.method!r} needs flash, splash or materialize (or auto)")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r}; expected one of "
                        f"{sorted(REMAT_POLICIES)}")
@@ -299,22 +308,6 @@ def _linear(module, cfg, eq, x, name, rng):
   return y if delta is None else y + delta
 
 
-def _attend(q_btkgh, k_bskh, v_bskh, mask, dt, prefix=None):
-  """Softmax attention of scaled queries over keys, float32 scores.
-
-  `prefix` (k, v), each [P, K, H]: keys every query sees, before the others.
-  """
-  if prefix is not None:
-    b, p = q_btkgh.shape[0], prefix[0].shape[0]
-    k_bskh = jnp.concatenate([jnp.broadcast_to(prefix[0], (b,) + prefix[0].shape).astype(k_bskh.dtype), k_bskh], 1)
-    v_bskh = jnp.concatenate([jnp.broadcast_to(prefix[1], (b,) + prefix[1].shape).astype(v_bskh.dtype), v_bskh], 1)
-    mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (p,), bool), jnp.broadcast_to(mask, mask.shape)], -1)
-  logits_bkgts = _matmul("btkgh,bskh->bkgts", q_btkgh, k_bskh, dt)
-  logits_bkgts = jnp.where(mask, logits_bkgts, jnp.finfo(jnp.float32).min)
-  probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
-  return _matmul("bkgts,bskh->btkgh", probs_bkgts, v_bskh, dt)
-
-
 class Attention(nnx.Module):
 
   def __init__(self, cfg, rngs):
@@ -365,29 +358,28 @@ class Attention(nnx.Module):
       kv_cache = (k_bskh, v_bskh)
     q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim) / math.sqrt(cfg.head_dim)
     prefix = (extra["k"], extra["v"]) if "k" in extra else None
-    blk = cfg.attention_block
-    if kv_cache is None and sharding.logical_size("seq") > 1:
+    mm = lambda eq, a, w: _matmul(eq, a, w, dt)
+    if kv_cache is not None:  # decoding: a few queries over the cache's slots
+      out_btkgh = attention_lib.materialize(q_btkgh, k_bskh, v_bskh, mask, dt, mm, prefix)
+    elif sharding.logical_size("seq") > 1:
       # Context parallelism: each device keeps its queries' slice of the sequence and gathers the keys
       # and values of the whole sequence (an all-gather over the `sequence` mesh axis), so the scores
       # it holds are [its T / n queries, all S keys].
       q_btkgh = sharding.constrain(q_btkgh, ("batch", "seq", "kv_heads", None, "head_dim"))
       k_bskh = sharding.constrain(k_bskh, ("batch", None, "kv_heads", "head_dim"))
       v_bskh = sharding.constrain(v_bskh, ("batch", None, "kv_heads", "head_dim"))
-      out_btkgh = sharding.constrain(_attend(q_btkgh, k_bskh, v_bskh, mask, dt, prefix),
+      dense = sharding.constrain(mask.dense(), ("batch", None, None, "seq", None))
+      out_btkgh = sharding.constrain(attention_lib.materialize(q_btkgh, k_bskh, v_bskh, dense, dt, mm, prefix),
                                      ("batch", "seq", "kv_heads", None, "head_dim"))
-    elif cfg.attention_impl != "lmstack" and kv_cache is None and prefix is None:
-      out_btnh = jax.nn.dot_product_attention(
-          q_btnh.astype(dt), k_bskh.astype(dt), v_bskh.astype(dt), mask=mask[:, :, 0], is_causal=True,
-          implementation=cfg.attention_impl)
-      out_btkgh = out_btnh.astype(jnp.float32).reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim)
-    elif kv_cache is not None or not blk or t <= blk or t % blk:
-      out_btkgh = _attend(q_btkgh, k_bskh, v_bskh, mask, dt, prefix)
     else:
-      # Without a cache, query i never sees a key after i (causal within a
-      # segment, and segments are contiguous), so block j needs keys [0, end).
-      out_btkgh = jnp.concatenate([
-          _attend(q_btkgh[:, i:i + blk], k_bskh[:, :i + blk], v_bskh[:, :i + blk],
-                  mask[..., i:i + blk, :i + blk], dt, prefix) for i in range(0, t, blk)], axis=1)
+      impl = attention_lib.resolve(cfg.attention_impl, sharding.platform(), dt, prefix is not None)
+      if impl == "flash":
+        out_btkgh = attention_lib.flash(q_btkgh, k_bskh, v_bskh, mask, dt, cfg.attention_block, prefix)
+      elif impl == "materialize":
+        out_btkgh = attention_lib.materialize_blocked(q_btkgh, k_bskh, v_bskh, mask.dense(), dt, mm,
+                                                      cfg.attention_block, prefix)
+      else:
+        out_btkgh = attention_lib.fused(impl, q_btkgh, k_bskh, v_bskh, mask, dt)
     if "adaption" in extra:
       out_btkgh = out_btkgh + self._adaption(q_btkgh, *extra["adaption"])
     out_btnh = out_btkgh.reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -499,8 +491,9 @@ class Transformer(nnx.Module):
     if cfg.peft.method == "prompt":  # the virtual tokens hold positions 0 .. P-1
       positions_bt = positions_bt + cfg.peft.num_virtual_tokens
     if cache is None:
-      mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt, cfg.sliding_window)
-      mask = sharding.constrain(mask, ("batch", None, None, "seq", None))  # B 1 1 T S: split as the queries
+      mask = attention_lib.Mask(sharding.constrain(positions_bt, ("batch", "seq")), positions_bt,
+                                sharding.constrain(segment_ids_bt, ("batch", "seq")), segment_ids_bt,
+                                cfg.sliding_window)
       kv = index = None
     else:
       index = cache["index"]
