@@ -209,8 +209,41 @@ def _flash_backward(q, k, v, masks, out, lse, d_out, d_lse, window, dt, bq, bk, 
     return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, 3), dk, dv
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  lo, hi = (0, blocks.nq) if unroll else (jnp.asarray(0), jnp.asarray(blocks.nq))
+  if unroll:  # per-block accumulators, joined once: no whole-array update per block pair
+    return _flash_backward_unrolled(blocks, q, k, v, d_out, lse, delta)
+  lo, hi = jnp.asarray(0), jnp.asarray(blocks.nq)
   dq, dk, dv = _loop(lo, hi, query_block, (zeros(q), zeros(k), zeros(v)))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _flash_backward_unrolled(blocks, q, k, v, d_out, lse, delta):
+  """`_flash_backward` with Python loops, each gradient block its own array."""
+  bq, bk, dt = blocks.bq, blocks.bk, blocks.dt
+  nk = blocks.s // bk
+  k_b = [_slice(k, j * bk, bk, 2).astype(dt) for j in range(nk)]
+  v_b = [_slice(v, j * bk, bk, 2).astype(dt) for j in range(nk)]
+  dk_b, dv_b, dq_b = [None] * nk, [None] * nk, []
+  add = lambda acc, x: x if acc is None else acc + x
+  for i in range(blocks.nq):
+    q_i = _slice(q, i * bq, bq, 3).astype(dt)
+    do_i = _slice(d_out, i * bq, bq, 3).astype(dt)
+    lse_i = _slice(lse, i * bq, bq, 3)[..., None]
+    delta_i = _slice(delta, i * bq, bq, 3)[..., None]
+    dq_i = None
+    for j in range(*_key_blocks(i, bq, bk, blocks.window)):
+      s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_b[j], preferred_element_type=jnp.float32)
+      p = jnp.where(blocks.block_mask(i, j), jnp.exp(s - lse_i), 0.0)
+      dv_b[j] = add(dv_b[j], jnp.einsum("bkgqs,bkgqh->bksh", p.astype(dt), do_i, preferred_element_type=jnp.float32))
+      dp = jnp.einsum("bkgqh,bksh->bkgqs", do_i, v_b[j], preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_i)).astype(dt)
+      dq_i = add(dq_i, jnp.einsum("bkgqs,bksh->bkgqh", ds, k_b[j], preferred_element_type=jnp.float32))
+      dk_b[j] = add(dk_b[j], jnp.einsum("bkgqs,bkgqh->bksh", ds, q_i, preferred_element_type=jnp.float32))
+    dq_b.append(jnp.zeros(q_i.shape, jnp.float32) if dq_i is None else dq_i)
+  fill = lambda blocks_, like: [jnp.zeros(like.shape[:2] + (bk,) + like.shape[3:], jnp.float32) if x is None else x
+                                for x in blocks_]
+  dq = jnp.concatenate(dq_b, axis=3)
+  dk = jnp.concatenate(fill(dk_b, k), axis=2)
+  dv = jnp.concatenate(fill(dv_b, v), axis=2)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
