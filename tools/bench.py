@@ -136,13 +136,18 @@ def activation_bytes(cfg, batch, seq):
   Per token and layer, remat none: the two norm inputs and their outputs
   (4 D), q, k, v after rotation and the attention output (2 N H + 2 K H),
   the attention probabilities over the causal half of the keys (N (T + block)
-  / 2), the gate and up projections and their product (3 F); remat full keeps
-  only each layer's input (D) and recomputes one layer at a time. The output
+  / 2; flash attention keeps one log-sum-exp per head instead, N), the gate
+  and up projections and their product (3 F); remat full keeps only each
+  layer's input (D) and recomputes one layer at a time. The output
   projection's cross-entropy is blocked and keeps nothing.
   """
+  import jax
+
+  from lmstack.model import attention
   d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
   blk = cfg.attention_block if cfg.attention_block and seq > cfg.attention_block else seq
-  per_layer = 4 * d + 2 * n * h + 2 * k * h + n * (seq + blk) / 2 + 3 * f
+  flash = attention.resolve(cfg.attention_impl, jax.default_backend(), cfg.dtype, False) == "flash"
+  per_layer = 4 * d + 2 * n * h + 2 * k * h + (n if flash else n * (seq + blk) / 2) + 3 * f
   tokens = batch * seq
   if cfg.remat == "full":
     return 4 * tokens * (cfg.n_layers * d + per_layer)

@@ -16,7 +16,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c "import jax; print(jax.__version__, jax.devices())"
-  for impl in cudnn lmstack; do
+  for impl in cudnn flash materialize; do
     for remat in none full; do
       echo "== 1b attention_impl=${impl} remat=${remat}"
       python tools/bench.py --presets=1b --batch_size=8 --seq_len=2048 --steps=10 --mode=pretrain \

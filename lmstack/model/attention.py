@@ -5,8 +5,6 @@
   flash        online softmax over key blocks in pure JAX, with a custom VJP
                that recomputes the probabilities block by block in the
                backward pass: O(T) activation memory, any backend.
-  splash       the Pallas TPU splash-attention kernel shipped with JAX
-               (`jax.experimental.pallas.ops.tpu`), see lmstack/model/splash.py.
   cudnn, xla   `jax.nn.dot_product_attention` (cudnn: fused attention on
                NVIDIA GPUs).
 
@@ -318,11 +316,14 @@ CPU_DEFAULT = "flash"
 
 
 def resolve(impl, platform, dt, has_prefix):
-  """The kernel `impl` ("auto" or a name) means on `platform` ("tpu", "gpu", "cpu")."""
+  """The kernel `impl` ("auto" or a name) means on `platform` ("tpu", "gpu", "cpu").
+
+  Until the splash kernel lands, "auto" on TPU stays the materialising kernel the AOT table was compiled
+  with; GPUs take flash (cuDNN is opt-in: `attention_impl=cudnn`, no prefix keys).
+  """
+  del dt, has_prefix  # for the fused kernels' limits once auto picks one
   if impl != "auto":
     return impl
   if platform == "tpu":
-    return "flash" if has_prefix else "splash"
-  if platform in ("gpu", "cuda", "rocm"):
-    return "flash" if has_prefix or jnp.dtype(dt) == jnp.float32 else "cudnn"
+    return "materialize"
   return CPU_DEFAULT

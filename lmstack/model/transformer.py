@@ -40,7 +40,7 @@ REMAT_POLICIES = {
 
 # Matmul input dtypes (`ModelConfig.dtype`); accumulation is float32.
 DTYPES = ("bfloat16", "float32", "float16")
-ATTENTION_IMPLS = ("auto", "flash", "splash", "materialize", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "flash", "materialize", "xla", "cudnn")
 
 _TYPES = {
     int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
@@ -81,12 +81,12 @@ class ModelConfig:
   rope_original_max_len: int = 8192  # llama3 only
   sliding_window: int = 0  # 0: full causal attention (Mistral: 4096)
   qkv_bias: bool = False  # Qwen2
-  # Training attention (no KV cache): "auto" (splash on TPU, cudnn on GPU,
-  # flash elsewhere), "flash" (online softmax over blocks, recomputed in the
-  # backward pass: O(T) memory, lmstack/model/attention.py), "splash" (the
-  # Pallas TPU kernel), "materialize" (float32 scores of each query block over
-  # its keys, kept for the backward pass: the reference), or
-  # jax.nn.dot_product_attention's "xla" or "cudnn".
+  # Training attention (no KV cache): "auto" (flash on CPU and GPU,
+  # materialize on TPU), "flash" (online softmax over blocks, recomputed in
+  # the backward pass: O(T) memory, lmstack/model/attention.py),
+  # "materialize" (float32 scores of each query block over its keys, kept for
+  # the backward pass: the reference), or jax.nn.dot_product_attention's
+  # "xla" or "cudnn".
   attention_impl: str = "auto"
   # Query (and flash: key) block: causal blocks skip the masked upper
   # triangle and keep each block's scores small. 0: one block.
@@ -139,13 +139,13 @@ class ModelConfig:
                        f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
     if self.rope_scaling not in ("none", "linear", "llama3"):
       raise ValueError(f"model.rope_scaling={self.rope_scaling!r}; expected none, linear or llama3")
-    if self.attention_impl == "lmstack":  # the name of "materialize" in checkpoints before flash attention
-      object.__setattr__(self, "attention_impl", "materialize")
+    if self.attention_impl == "lmstack":  # the default's name in checkpoints before flash attention
+      object.__setattr__(self, "attention_impl", "auto")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; expected one of {', '.join(ATTENTION_IMPLS)}")
     if self.attention_impl in ("xla", "cudnn") and self.peft.method in ("prefix", "prompt"):
       raise ValueError(f"model.attention_impl={self.attention_impl!r} has no keys shared by every query; "
-                       f"peft.method={self.peft.method!r} needs flash, splash or materialize (or auto)")
+                       f"peft.method={self.peft.method!r} needs flash or materialize (or auto)")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r}; expected one of "
                        f"{sorted(REMAT_POLICIES)}")
