@@ -70,6 +70,9 @@ def get_config(arg=None):
       spike_zscore=0.0,  # skip a loss this many running std above its running mean; 0: off
       spike_warmup_steps=20,  # applied steps before the spike test starts
       max_consecutive_skips=10,  # stop after this many skipped steps in a row; 0: never
+      # "A:B": a jax.profiler trace of steps A .. B-1 in workdir/tb/plugins/profile (TensorBoard's profile
+      # plugin, or Perfetto: a .trace.json.gz beside it); "": off, at no cost.
+      profile_steps="",
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

@@ -250,3 +250,22 @@ def test_config_takes_model_and_tokenizer_from_init_from(tmp_path):
   config.train.update(steps=1, eval_every=0)
   trainer.run(config, str(tmp_path / "stage2"))
   assert sorted(_train_losses(tmp_path / "stage2")) == [1]
+
+
+def test_profile_steps_write_a_trace_of_those_steps_for_tensorboard(tmp_path):
+  import glob  # pylint: disable=import-outside-toplevel
+  import gzip  # pylint: disable=import-outside-toplevel
+  trainer.run(_config(steps=4, eval_every=0, profile_steps="2:4"), str(tmp_path))
+  runs = glob.glob(str(tmp_path / "tb" / "plugins" / "profile" / "*"))
+  assert len(runs) == 1, runs  # one trace, where TensorBoard's profile plugin looks
+  assert glob.glob(os.path.join(runs[0], "*.xplane.pb"))
+  with gzip.open(glob.glob(os.path.join(runs[0], "*.trace.json.gz"))[0]) as f:
+    events = json.load(f)["traceEvents"]
+  # The compiled step's XLA ops are in it: the trace covers steps 2 and 3, not only the host.
+  assert sum(1 for e in events if e.get("ph") == "X" and "fusion" in e.get("name", "")) > 10
+
+
+@pytest.mark.parametrize("value", ["5", "4:2", "0:3", "a:b", "2:2"])
+def test_a_bad_profile_range_is_one_line(tmp_path, value):
+  with pytest.raises(ConfigError, match="train.profile_steps"):
+    trainer.run(_config(profile_steps=value), str(tmp_path))

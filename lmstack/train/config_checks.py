@@ -38,6 +38,24 @@ def _in(lo, hi, hi_open=False):
   return lambda v: is_number(v) and lo <= v and (v < hi if hi_open else v <= hi)
 
 
+def profile_range(v):
+  """(first, stop) of train.profile_steps "A:B" (steps A .. B-1, numbered from 1), or None for ""."""
+  if v == "":
+    return None
+  first, sep, stop = v.partition(":") if isinstance(v, str) else ("", "", "")
+  if not (sep and first.strip().isdigit() and stop.strip().isdigit() and 1 <= int(first) < int(stop)):
+    raise ValueError(v)
+  return int(first), int(stop)
+
+
+def _profile_steps(v):
+  try:
+    profile_range(v)
+    return True
+  except ValueError:
+    return False
+
+
 def _mesh_shape(v):
   return (isinstance(v, (tuple, list)) and len(v) in (3, 4) and all(is_int(s) and (s >= 1 or s == -1) for s in v)
           and list(v).count(-1) <= 1)
@@ -83,6 +101,7 @@ FIELDS = {
     "train.spike_zscore?": (_in(0, math.inf), "a finite number >= 0 (0: off)"),
     "train.spike_warmup_steps?": (_at_least(0), "an integer >= 0"),
     "train.max_consecutive_skips?": (_at_least(0), "an integer >= 0 (0: never stop)"),
+    "train.profile_steps?": (_profile_steps, "'' (off) or 'A:B', 1 <= A < B: trace steps A to B-1"),
     "optim.lr": (_in(0, math.inf), "a finite number >= 0"),
     "optim.schedule": _STR,
     "optim.warmup_steps": (_at_least(0), "an integer >= 0"),

@@ -361,12 +361,17 @@ def _run(config, workdir, hooks, preempt, stack):
       log_eval(0)  # the starting model, e.g. DPO's held-out preference accuracy before training
     tic, tic_step = time.perf_counter(), start
     skipped_before = int(jax.device_get(state["guard"]["total"]))
+    profile = Profile(config_checks.profile_range(t.get("profile_steps", "")), os.path.join(workdir, "tb"),
+                      writer)
+    stack.callback(profile.stop)
     for step_no in range(start, t.steps):
       batch = put_train(hooks.train_batch(step_no + 1, next(train_iter)))
       if step_no == start:
         hooks.first_step(b, state, frozen, batch)
+      profile.before(step_no + 1, state)
       state, metrics = train_step(state, frozen, batch)
       done = step_no + 1
+      profile.after(done, metrics)
       log_step = done % t.log_every == 0 or done == t.steps or done == start + 1
       if log_step:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -425,6 +430,31 @@ def _run(config, workdir, hooks, preempt, stack):
       last.update({f"eval/{k}": v for k, v in final.items()})
   logging.info("done: %s", workdir)
   return last
+
+
+class Profile:
+  """A jax.profiler trace of steps [first, stop) (train.profile_steps), written where TensorBoard's
+  profile plugin looks (`<tb>/plugins/profile/<run>/`), with a Perfetto `.trace.json.gz` beside it."""
+
+  def __init__(self, steps, directory, writer):
+    self.steps, self.directory, self.writer, self.on = steps, directory, writer, False
+
+  def before(self, step, state):
+    if self.steps and step == self.steps[0]:
+      jax.block_until_ready(state)  # the trace starts with the device idle: earlier steps stay out
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.on = True
+
+  def after(self, done, metrics):
+    if self.on and done == self.steps[1] - 1:
+      jax.block_until_ready(metrics)
+      self.stop()
+      self.writer.info(f"profile of steps {self.steps[0]}-{done} written to {self.directory}/plugins/profile")
+
+  def stop(self):
+    if self.on:
+      self.on = False
+      jax.profiler.stop_trace()
 
 
 def _resume_hint(ckpt):
