@@ -211,6 +211,11 @@ def logical_size(name):
   return math.prod(mesh.shape[a] for a in rules.get(name, ()))
 
 
+def active():
+  """(mesh, rules) of the enclosing `use`, or None."""
+  return _ACTIVE
+
+
 def platform():
   """The platform the traced program is for: the active mesh's devices' ("tpu" for AOT topology devices),
   else JAX's default backend."""

@@ -53,6 +53,17 @@ def test_tiny_fits_a_v5e_4():
   # The state (params + two Adam moments, float32) is split 4 ways and is among the step's arguments.
   assert r["argument_bytes"] >= r["state_bytes"] >= 3 * 4 * r["params"] / 4
   assert "verdict  fits" in log
+  assert r["attention"] == "materialize" and r["pallas_kernels"] == 0  # auto on TPU, until splash is its default
+
+
+@needs_libtpu
+def test_the_splash_kernel_compiles_for_tpu():
+  # attention_impl=splash: libtpu compiles the Pallas kernels (forward, dq, dk/dv) into the step.
+  rc, r, log = aot("--config=configs/pretrain.py:size=tiny", "--slice=v5e-4", "--batch_size=8", "--seq_len=128",
+                   "--config.model.attention_impl=splash")
+  assert rc == 0, log
+  assert r["attention"] == "splash" and r["pallas_kernels"] >= 3, r
+  assert "attention splash (" in log
 
 
 @needs_libtpu

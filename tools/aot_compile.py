@@ -254,6 +254,7 @@ def compile_built(config, devices, where, hbm, compile_anyway=False):
   """The figures of `config`'s step over `devices` (`where`: slice, num_slices, topology) against `hbm` bytes."""
   import jax
   from lmstack.data import datasets
+  from lmstack.model import attention
   from lmstack.train import losses
   kind = devices[0].device_kind
   t = config.train
@@ -276,7 +277,9 @@ def compile_built(config, devices, where, hbm, compile_anyway=False):
              peft=model_cfg.peft.method, loss=config.loss, remat=model_cfg.remat, batch_size=t.batch_size,
              seq_len=t.seq_len, rows=rows, grad_accum_steps=t.grad_accum_steps, params=n_params + n_frozen,
              trainable=n_params, hbm_bytes=hbm, state_bytes=state_bytes, reference_bytes=reference,
-             model_flops_per_step=flops_per_token * b.tokens_per_step())
+             model_flops_per_step=flops_per_token * b.tokens_per_step(),
+             attention=attention.resolve(model_cfg.attention_impl, devices[0].platform, model_cfg.dtype,
+                                         model_cfg.peft.method in ("prefix", "prompt")))
   out["model_flops_per_chip"] = out["model_flops_per_step"] / len(devices)
   if state_bytes + reference > hbm and not compile_anyway:
     out.update(compiled=False, fits=False, peak_bytes=state_bytes + reference,
@@ -308,7 +311,8 @@ def compile_built(config, devices, where, hbm, compile_anyway=False):
   out.update(compiled=True, lower_s=t1 - t0, compile_s=t2 - t1, argument_bytes=ma.argument_size_in_bytes,
              output_bytes=unaliased_out, temp_bytes=ma.temp_size_in_bytes, code_bytes=ma.generated_code_size_in_bytes,
              peak_bytes=peak, fits=peak <= hbm, xla_flops_per_chip=float((cost or {}).get("flops", 0.0)),
-             xla_bytes_per_chip=float((cost or {}).get("bytes accessed", 0.0)))
+             xla_bytes_per_chip=float((cost or {}).get("bytes accessed", 0.0)),
+             pallas_kernels=compiled.as_text().count("custom_call_target=\"tpu_custom_call\""))
   return out
 
 
@@ -325,7 +329,8 @@ def report(r):
       f"{g(r.get('chip_hbm_bytes', r['hbm_bytes']))} HBM each ({g(r['hbm_bytes'])} available to a program, as "
       f"libtpu reports); mesh {mesh}, rules {r['rules']}",
       f"batch    {r['batch_size']}{' pairs x 2' if r['rows'] == 2 else ''} x {r['seq_len']} tokens (global), "
-      f"grad_accum_steps {r['grad_accum_steps']}",
+      f"grad_accum_steps {r['grad_accum_steps']}, attention {r['attention']}"
+      + (f" ({r['pallas_kernels']} Pallas kernel calls in the program)" if r.get("pallas_kernels") else ""),
   ]
   if r.get("compile_s") is not None:
     lines.append(f"compile  {r['compile_s']:,.1f} s (lowering {r['lower_s']:,.1f} s); "

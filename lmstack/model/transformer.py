@@ -40,7 +40,7 @@ REMAT_POLICIES = {
 
 # Matmul input dtypes (`ModelConfig.dtype`); accumulation is float32.
 DTYPES = ("bfloat16", "float32", "float16")
-ATTENTION_IMPLS = ("auto", "flash", "materialize", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "flash", "splash", "materialize", "xla", "cudnn")
 
 _TYPES = {
     int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
@@ -83,7 +83,8 @@ class ModelConfig:
   qkv_bias: bool = False  # Qwen2
   # Training attention (no KV cache): "auto" (flash on CPU and GPU,
   # materialize on TPU), "flash" (online softmax over blocks, recomputed in
-  # the backward pass: O(T) memory, lmstack/model/attention.py),
+  # the backward pass: O(T) memory, lmstack/model/attention.py), "splash"
+  # (the Pallas TPU kernel, lmstack/model/splash.py; interpreted off TPU),
   # "materialize" (float32 scores of each query block over its keys, kept for
   # the backward pass: the reference), or jax.nn.dot_product_attention's
   # "xla" or "cudnn".
@@ -143,7 +144,7 @@ class ModelConfig:
       object.__setattr__(self, "attention_impl", "auto")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; expected one of {', '.join(ATTENTION_IMPLS)}")
-    if self.attention_impl in ("xla", "cudnn") and self.peft.method in ("prefix", "prompt"):
+    if self.attention_impl in ("xla", "cudnn", "splash") and self.peft.method in ("prefix", "prompt"):
       raise ValueError(f"model.attention_impl={self.attention_impl!r} has no keys shared by every query; "
                        f"peft.method={self.peft.method!r} needs flash or materialize (or auto)")
     if self.remat not in REMAT_POLICIES:
@@ -378,6 +379,9 @@ class Attention(nnx.Module):
       elif impl == "materialize":
         out_btkgh = attention_lib.materialize_blocked(q_btkgh, k_bskh, v_bskh, mask.dense(), dt, mm,
                                                       cfg.attention_block, prefix)
+      elif impl == "splash":
+        from lmstack.model import splash  # pylint: disable=import-outside-toplevel  (Pallas TPU: only when used)
+        out_btkgh = splash.splash(q_btkgh, k_bskh, v_bskh, mask, dt)
       else:
         out_btkgh = attention_lib.fused(impl, q_btkgh, k_bskh, v_bskh, mask, dt)
     if "adaption" in extra:
