@@ -99,6 +99,9 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = "bfloat16"  # matmul input dtype; accumulation is float32
+  # The residual stream and the layers' matmul outputs (what the backward pass
+  # keeps); norms, RoPE, softmax and the loss compute in float32 inside.
+  activation_dtype: str = "float32"
   remat: str = "none"  # none | full | dots | dots_no_batch
   scan_layers: bool = True
   init_std: float = 0.02
@@ -133,8 +136,9 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                        f"model.n_kv_heads={self.n_kv_heads}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"model.dtype={self.dtype!r}; expected one of {', '.join(DTYPES)}")
+    for name in ("dtype", "activation_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"model.{name}={getattr(self, name)!r}; expected one of {', '.join(DTYPES)}")
     if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
       raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
                        f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
@@ -154,6 +158,10 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def act_dtype(self):
+    return jnp.dtype(self.activation_dtype)
 
   def num_params(self, embeddings=True):
     d, f, h = self.d_model, self.mlp_dim, self.head_dim
@@ -212,9 +220,9 @@ def _param(rngs, shape, axes, std):
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _matmul(eq, x, w, dtype):
-  """Einsum with `dtype` inputs and float32 accumulation and output.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _matmul(eq, x, w, dtype, out=jnp.float32):
+  """Einsum with `dtype` inputs, float32 accumulation and an `out` result.
 
   The backward pass is written out so that its two matmuls also take `dtype`
   inputs and accumulate in float32. JAX's own transpose of a mixed-precision
@@ -223,14 +231,16 @@ def _matmul(eq, x, w, dtype):
   the bf16-in/f32-out rate. For "A,B->C" with no index private to one
   operand, dA = "C,B->A" and dB = "A,C->B".
   """
-  return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  y = jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  return y.astype(out)
 
 
-def _matmul_fwd(eq, x, w, dtype):
-  return _matmul(eq, x, w, dtype), (x, w)
+def _matmul_fwd(eq, x, w, dtype, out=jnp.float32):
+  return _matmul(eq, x, w, dtype, out), (x, w)
 
 
-def _matmul_bwd(eq, dtype, res, dy):
+def _matmul_bwd(eq, dtype, out, res, dy):
+  del out
   x, w = res
   a, rest = eq.split(",")
   b, c = rest.split("->")
@@ -249,10 +259,10 @@ class RMSNorm(nnx.Module):
     self.scale = _param(rngs, (cfg.d_model,), ("embed",), 0)
     self.eps = cfg.norm_eps
 
-  def __call__(self, x_btd):
+  def __call__(self, x_btd, out=jnp.float32):
     x = x_btd.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return x * self.scale[...]
+    return (x * self.scale[...]).astype(out)
 
 
 def rope_frequencies(cfg):
@@ -303,10 +313,10 @@ def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt=None, k_seg_bs=None, window=0):
 
 def _linear(module, cfg, eq, x, name, rng):
   """A linear layer: the base weight (dequantized under qlora) plus LoRA."""
-  dt = cfg.compute_dtype
-  y = _matmul(eq, x, peft_lib.base_weight(module, cfg, name, dt), dt)
+  dt, act = cfg.compute_dtype, cfg.act_dtype
+  y = _matmul(eq, x, peft_lib.base_weight(module, cfg, name, dt), dt, act)
   delta = peft_lib.lora_delta(module, cfg, name, x, rng, lambda e, a, w: _matmul(e, a, w, dt))
-  return y if delta is None else y + delta
+  return y if delta is None else (y + delta).astype(act)
 
 
 class Attention(nnx.Module):
@@ -349,8 +359,9 @@ class Attention(nnx.Module):
     g = cfg.n_heads // cfg.n_kv_heads
     inv_freq = rope_frequencies(cfg)
     rngs = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
-    q_btnh = rope(self._project(x_btd, "q", rngs[0]), positions_bt, inv_freq)
-    k_bskh = rope(self._project(x_btd, "k", rngs[1]), positions_bt, inv_freq)
+    act = cfg.act_dtype
+    q_btnh = rope(self._project(x_btd, "q", rngs[0]), positions_bt, inv_freq).astype(act)
+    k_bskh = rope(self._project(x_btd, "k", rngs[1]), positions_bt, inv_freq).astype(act)
     v_bskh = self._project(x_btd, "v", rngs[2])
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
@@ -386,7 +397,7 @@ class Attention(nnx.Module):
         out_btkgh = attention_lib.fused(impl, q_btkgh, k_bskh, v_bskh, mask, dt)
     if "adaption" in extra:
       out_btkgh = out_btkgh + self._adaption(q_btkgh, *extra["adaption"])
-    out_btnh = out_btkgh.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    out_btnh = out_btkgh.reshape(b, t, cfg.n_heads, cfg.head_dim).astype(act)
     out_btd = self._linear("btnh,nhd->btd", out_btnh, "o", rngs[3])
     return out_btd if kv_cache is None else (out_btd, kv_cache)
 
@@ -432,17 +443,18 @@ class Block(nnx.Module):
 
   def __call__(self, x_btd, positions_bt, mask, kv_cache=None, cache_index=None, extra=None, rng=None):
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-    attn = self.attn(self.attn_norm(x_btd), positions_bt, mask, kv_cache, cache_index, extra, rngs[0])
+    act = self.attn.cfg.act_dtype
+    attn = self.attn(self.attn_norm(x_btd, act), positions_bt, mask, kv_cache, cache_index, extra, rngs[0])
     if kv_cache is not None:
       attn, kv_cache = attn
     mm = lambda eq, a, w: _matmul(eq, a, w, self.attn.cfg.compute_dtype)
     if hasattr(self, "attn_adapter"):
       attn = self.attn_adapter(attn, mm)
-    x_btd = x_btd + attn
-    mlp = self.mlp(self.mlp_norm(x_btd), rngs[1])
+    x_btd = x_btd + attn.astype(act)
+    mlp = self.mlp(self.mlp_norm(x_btd, act), rngs[1])
     if hasattr(self, "mlp_adapter"):
       mlp = self.mlp_adapter(mlp, mm)
-    x_btd = x_btd + mlp
+    x_btd = x_btd + mlp.astype(act)
     x_btd = sharding.constrain(x_btd, ("batch", "seq", "embed"))
     return x_btd if kv_cache is None else (x_btd, kv_cache)
 
@@ -509,7 +521,7 @@ class Transformer(nnx.Module):
     if peft_lib.lora_embed(cfg):
       a_btr = jnp.take(self.embed_lora_a[...], tokens_bt, axis=0)
       x_btd = x_btd + cfg.peft.scale * _matmul("btr,rd->btd", a_btr, self.embed_lora_b[...], cfg.compute_dtype)
-    x_btd = sharding.constrain(x_btd, ("batch", "seq", "embed"))
+    x_btd = sharding.constrain(x_btd.astype(cfg.act_dtype), ("batch", "seq", "embed"))
     x_btd, kv = self._run_blocks(x_btd, positions_bt, mask, kv, index, extras, rng)
     h_btd = self.final_norm(x_btd)
     if cache is None:
