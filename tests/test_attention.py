@@ -158,3 +158,16 @@ def test_kernels_without_shared_keys_refuse_prefix_tuning_at_config_time(impl):
   from lmstack.model.transformer import ModelConfig  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=f"attention_impl='{impl}'.*prefix"):
     ModelConfig(attention_impl=impl, peft=dict(method="prefix"))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused attention runs on NVIDIA GPUs only")
+def test_cudnn_matches_the_reference_on_a_gpu():
+  # cuDNN takes half precision only: bf16 inputs, so the bound of the bf16 test above.
+  q, keys, vals, pos, seg, _, weights = _case(t=128, k=2, g=2, h=64)
+  mask = attention_lib.Mask(pos, pos, seg, seg)
+  bf = jnp.bfloat16
+  fused = lambda q, k, v, pre: attention_lib.fused("cudnn", q, k, v, mask, bf)
+  exact = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), jnp.float32, _mm)
+  got, f32 = (_values_and_grads(f, q, keys, vals, None, weights) for f in (fused, exact))
+  for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(f32)):
+    assert float(jnp.abs(a - c).max()) < 2**-6 * float(jnp.abs(c).max())
