@@ -171,3 +171,17 @@ def test_cudnn_matches_the_reference_on_a_gpu():
   got, f32 = (_values_and_grads(f, q, keys, vals, None, weights) for f in (fused, exact))
   for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(f32)):
     assert float(jnp.abs(a - c).max()) < 2**-6 * float(jnp.abs(c).max())
+
+
+def test_the_long_context_tool_measures_the_real_step():
+  # tools/long_context.py compiles the trainer's own step (lmstack/train/build.py); at 2,048 tokens the tiny
+  # model's materialised scores (4 heads x 2048^2 / 2 x 4 B = 32 MiB a layer, kept for the backward pass)
+  # already outweigh flash's whole step.
+  import os  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+  import long_context  # pylint: disable=import-outside-toplevel
+  flash = long_context.cpu_step_bytes(2048, "flash", size="tiny")
+  ref = long_context.cpu_step_bytes(2048, "materialize", size="tiny")
+  assert flash[0] == ref[0]  # the same arguments: parameters, Adam moments, the batch
+  assert ref[1] > 2 * 32 * 2**20 > flash[1], (flash, ref)
