@@ -76,7 +76,7 @@ def table_row(r):
     roof = (f"{r['roofline_step_s']:,.2f} s ({r['roofline_bound']}), {r['roofline_tokens_per_s'] / 1e3:,.1f}k tok/s"
             if r.get("roofline_step_s") else "")
   else:
-    memory, roof = f"at least {peak}", ""
+    memory, roof = (f"at least {peak}" if r.get("peak_bytes") else "libtpu refuses (no figure)"), ""
   verdict = "fits" if r["fits"] else "DOES NOT FIT"
   rows = " pairs" if r["rows"] == 2 else ""
   method = "dpo" if r["loss"] == "dpo" else "full" if r["peft"] == "none" else r["peft"]
