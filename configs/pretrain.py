@@ -73,6 +73,10 @@ def get_config(arg=None):
       # "A:B": a jax.profiler trace of steps A .. B-1 in workdir/tb/plugins/profile (TensorBoard's profile
       # plugin, or Perfetto: a .trace.json.gz beside it); "": off, at no cost.
       profile_steps="",
+      # Weights & Biases, beside TensorBoard and JSONL: "" is off (wandb is then never imported); a project
+      # name logs the scalars and the config there (pip install wandb). offline: to workdir/wandb only.
+      wandb_project="",
+      wandb_mode="online",  # online | offline | disabled
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

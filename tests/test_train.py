@@ -269,3 +269,69 @@ def test_profile_steps_write_a_trace_of_those_steps_for_tensorboard(tmp_path):
 def test_a_bad_profile_range_is_one_line(tmp_path, value):
   with pytest.raises(ConfigError, match="train.profile_steps"):
     trainer.run(_config(profile_steps=value), str(tmp_path))
+
+
+def _wandb_records(path):
+  """The protobuf records of an offline W&B run file: a 7-byte header (":W&B", magic, version), then
+  LevelDB-log blocks of 32 KiB whose records are (crc32c, length, type 1 full / 2 first / 3 middle / 4 last)."""
+  import struct  # pylint: disable=import-outside-toplevel
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=import-outside-toplevel
+  with open(path, "rb") as f:
+    data = f.read()
+  assert data[:4] == b":W&B"
+  pos, block, buf, out = 7, 32768, b"", []
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a header is padding
+      pos += block - pos % block
+      continue
+    _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+    buf = chunk if kind in (1, 2) else buf + chunk
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(buf)
+      out.append(record)
+  return out
+
+
+def test_wandb_offline_logs_the_scalars_and_the_config_and_resumes_the_same_run(tmp_path):
+  import glob  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("wandb")  # in the test extra; optional for users
+  config = _config(steps=4, eval_every=2, checkpoint_every=2, wandb_project="lmstack-test", wandb_mode="offline")
+  trainer.run(config, str(tmp_path))
+  run_id = (tmp_path / "wandb_run_id").read_text().strip()
+  runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+  assert len(runs) == 1, runs
+  records = _wandb_records(runs[0])
+  run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+  assert run.project == "lmstack-test" and run.run_id == run_id
+  logged = {u.key: json.loads(u.value_json) for u in run.config.update}
+  assert logged["train"]["steps"] == 4 and logged["train"]["wandb_mode"] == "offline"  # the run's config
+  losses = {}
+  for r in records:
+    if r.WhichOneof("record_type") == "history":
+      row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+      if "train/loss" in row:
+        losses[row["_step"]] = row["train/loss"]
+  assert losses == pytest.approx(_train_losses(tmp_path))  # every logged step, as metrics.jsonl has it
+  # A longer run in the same workdir continues the same W&B run.
+  config.train.steps = 6
+  trainer.run(config, str(tmp_path))
+  assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
+  assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))) == 2
+
+
+def test_wandb_is_not_imported_unless_a_project_is_named(tmp_path):
+  code = ("import sys; from lmstack.metrics import MetricWriter; w = MetricWriter(sys.argv[1], 1, tensorboard=False); "
+          "w.write(1, {'loss': 1.0}); w.close(); print('wandb' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip() == "False", out.stderr
+
+
+def test_wandb_without_the_package_or_with_a_bad_mode_is_one_line(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
+  with pytest.raises(ConfigError, match="needs the wandb package: pip install wandb"):
+    trainer.run(_config(wandb_project="p"), str(tmp_path / "a"))
+  with pytest.raises(ConfigError, match="train.wandb_mode"):
+    trainer.run(_config(wandb_project="p", wandb_mode="sometimes"), str(tmp_path / "b"))

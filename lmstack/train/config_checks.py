@@ -101,6 +101,8 @@ FIELDS = {
     "train.spike_zscore?": (_in(0, math.inf), "a finite number >= 0 (0: off)"),
     "train.spike_warmup_steps?": (_at_least(0), "an integer >= 0"),
     "train.max_consecutive_skips?": (_at_least(0), "an integer >= 0 (0: never stop)"),
+    "train.wandb_project?": _STR,
+    "train.wandb_mode?": (lambda v: v in ("online", "offline", "disabled"), "online, offline or disabled"),
     "train.profile_steps?": (_profile_steps, "'' (off) or 'A:B', 1 <= A < B: trace steps A to B-1"),
     "optim.lr": (_in(0, math.inf), "a finite number >= 0"),
     "optim.schedule": _STR,

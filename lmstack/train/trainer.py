@@ -242,7 +242,10 @@ def _run(config, workdir, hooks, preempt, stack):
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise DataError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} pieces but "
                     f"config.model.vocab_size={model_cfg.vocab_size}; its ids would index past the embedding")
-  writer = MetricWriter(workdir, t.steps, tensorboard=t.tensorboard)
+  wandb = None
+  if t.get("wandb_project", ""):
+    wandb = dict(project=t.wandb_project, mode=t.get("wandb_mode", "online"), config=config.to_dict())
+  writer = MetricWriter(workdir, t.steps, tensorboard=t.tensorboard, wandb=wandb)
   stack.callback(writer.close)
 
   # ---- Data: every split the run will read, opened and probed now ----
