@@ -1,4 +1,4 @@
-"""Attention kernels behind one interface: `attend(impl, q, k, v, mask, dt, prefix)`.
+"""Attention kernels with one calling convention, picked by `model.attention_impl` (`resolve`).
 
   materialize  the scores of every query block over its keys, float32, kept
                for the backward pass (the reference; O(T^2) memory).
@@ -7,6 +7,7 @@
                backward pass: O(T) activation memory, any backend.
   cudnn, xla   `jax.nn.dot_product_attention` (cudnn: fused attention on
                NVIDIA GPUs).
+  splash       the Pallas TPU kernel, in lmstack/model/splash.py.
 
 Queries arrive scaled by 1/sqrt(head_dim) in the grouped layout q B T K G H
 (K key/value heads, G query heads per key head: GQA without repeating K/V),
@@ -318,8 +319,8 @@ CPU_DEFAULT = "flash"
 def resolve(impl, platform, dt, has_prefix):
   """The kernel `impl` ("auto" or a name) means on `platform` ("tpu", "gpu", "cpu").
 
-  Until the splash kernel lands, "auto" on TPU stays the materialising kernel the AOT table was compiled
-  with; GPUs take flash (cuDNN is opt-in: `attention_impl=cudnn`, no prefix keys).
+  Until the README's AOT table is re-compiled with the splash kernel, "auto" on TPU stays the materialising
+  kernel it was compiled with; GPUs take flash (cuDNN is opt-in: `attention_impl=cudnn`, no prefix keys).
   """
   del dt, has_prefix  # for the fused kernels' limits once auto picks one
   if impl != "auto":
