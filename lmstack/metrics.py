@@ -13,7 +13,6 @@ it later).
 """
 
 import hashlib
-
 import json
 import math
 import sys

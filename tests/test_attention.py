@@ -46,7 +46,7 @@ def test_flash_matches_the_reference_in_values_and_gradients(monkeypatch, window
   q, keys, vals, pos, seg, prefix, weights = _case()
   mask = attention_lib.Mask(pos, pos, seg, seg, window)
   flash = lambda q, k, v, pre: attention_lib.flash(q, k, v, mask, jnp.float32, block, pre)
-  ref = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), jnp.float32, _mm, pre)
+  ref = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), _mm, pre)
   pre = prefix if with_prefix else None
   got = _values_and_grads(flash, q, keys, vals, pre, weights)
   want = _values_and_grads(ref, q, keys, vals, pre, weights)
@@ -61,8 +61,8 @@ def test_flash_in_bfloat16_is_within_bf16_rounding_of_the_reference():
   mask = attention_lib.Mask(pos, pos, seg, seg)
   bf = jnp.bfloat16
   flash = lambda q, k, v, pre: attention_lib.flash(q, k, v, mask, bf, 8)
-  ref = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), bf, lambda e, a, b: _mm(e, a, b, bf))
-  exact = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), jnp.float32, _mm)
+  ref = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), lambda e, a, b: _mm(e, a, b, bf))
+  exact = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), _mm)
   got, want, f32 = (_values_and_grads(f, q, keys, vals, None, weights) for f in (flash, ref, exact))
   for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(f32)):
     scale = float(jnp.abs(c).max())
@@ -85,7 +85,7 @@ def test_xla_fused_attention_matches_the_reference():
   for window in (0, 5):
     mask = attention_lib.Mask(pos, pos, seg, seg, window)
     fused = lambda q, k, v, pre: attention_lib.fused("xla", q, k, v, mask, jnp.float32)
-    ref = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), jnp.float32, _mm)
+    ref = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), _mm)
     with jax.default_matmul_precision("highest"):
       got = _values_and_grads(fused, q, keys, vals, None, weights)
     want = _values_and_grads(ref, q, keys, vals, None, weights)
@@ -95,11 +95,11 @@ def test_xla_fused_attention_matches_the_reference():
 
 def test_auto_picks_a_kernel_per_platform():
   r = attention_lib.resolve
-  assert r("auto", "cpu", jnp.bfloat16, False) == attention_lib.CPU_DEFAULT == "flash"
-  assert r("auto", "gpu", jnp.bfloat16, True) == "flash"
-  assert r("auto", "tpu", jnp.bfloat16, False) == "materialize"  # what the README's AOT table compiled
-  assert r("materialize", "cpu", jnp.bfloat16, False) == "materialize"
-  assert r("cudnn", "gpu", jnp.bfloat16, False) == "cudnn"
+  assert r("auto", "cpu") == attention_lib.CPU_DEFAULT == "flash"
+  assert r("auto", "gpu") == "flash"
+  assert r("auto", "tpu") == "materialize"  # what the README's AOT table compiled
+  assert r("materialize", "cpu") == "materialize"
+  assert r("cudnn", "gpu") == "cudnn"
 
 
 def _step_temp_bytes(kernel, t, block=128):
@@ -114,7 +114,7 @@ def _step_temp_bytes(kernel, t, block=128):
     fn = lambda q, k, v: attention_lib.flash(q, k, v, mask, jnp.bfloat16, block)
   else:
     mm = lambda e, a, b: _mm(e, a, b, jnp.bfloat16)
-    fn = lambda q, k, v: attention_lib.materialize_blocked(q, k, v, mask.dense(), jnp.bfloat16, mm, block)
+    fn = lambda q, k, v: attention_lib.materialize_blocked(q, k, v, mask.dense(), mm, block)
   step = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2)))
   return step.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
 
@@ -139,7 +139,7 @@ def test_splash_kernel_in_interpret_mode_matches_the_reference(window):
   q, keys, vals, pos, seg, _, weights = _case(t=256, k=2, g=2, h=16)
   mask = attention_lib.Mask(pos, pos, seg, seg, window)
   kernel = lambda q, k, v, pre: splash.splash(q, k, v, mask, jnp.float32)
-  ref = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), jnp.float32, _mm)
+  ref = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), _mm)
   got = _values_and_grads(kernel, q, keys, vals, None, weights)
   want = _values_and_grads(ref, q, keys, vals, None, weights)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -167,7 +167,7 @@ def test_cudnn_matches_the_reference_on_a_gpu():
   mask = attention_lib.Mask(pos, pos, seg, seg)
   bf = jnp.bfloat16
   fused = lambda q, k, v, pre: attention_lib.fused("cudnn", q, k, v, mask, bf)
-  exact = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), jnp.float32, _mm)
+  exact = lambda q, k, v, pre: attention_lib.materialize(q, k, v, mask.dense(), _mm)
   got, f32 = (_values_and_grads(f, q, keys, vals, None, weights) for f in (fused, exact))
   for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(f32)):
     assert float(jnp.abs(a - c).max()) < 2**-6 * float(jnp.abs(c).max())

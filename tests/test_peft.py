@@ -233,7 +233,7 @@ def test_prefix_keys_are_seen_by_every_query(impl):
   if impl == "flash":  # blocks of 2: three query blocks, the prefix merged by log-sum-exp
     out = attention_lib.flash(q, keys, vals, mask, jnp.float32, 2, (pk, pv))
   else:
-    out = attention_lib.materialize(q, keys, vals, mask.dense(), jnp.float32, mm, (pk, pv))
+    out = attention_lib.materialize(q, keys, vals, mask.dense(), mm, (pk, pv))
   all_k = np.concatenate([np.broadcast_to(pk, (b, p, k, h)), keys], 1)
   all_v = np.concatenate([np.broadcast_to(pv, (b, p, k, h)), vals], 1)
   mask = np.concatenate([np.ones((t, p), bool), causal], 1)

@@ -278,8 +278,7 @@ def compile_built(config, devices, where, hbm, compile_anyway=False):
              seq_len=t.seq_len, rows=rows, grad_accum_steps=t.grad_accum_steps, params=n_params + n_frozen,
              trainable=n_params, hbm_bytes=hbm, state_bytes=state_bytes, reference_bytes=reference,
              model_flops_per_step=flops_per_token * b.tokens_per_step(),
-             attention=attention.resolve(model_cfg.attention_impl, devices[0].platform, model_cfg.dtype,
-                                         model_cfg.peft.method in ("prefix", "prompt")))
+             attention=attention.resolve(model_cfg.attention_impl, devices[0].platform))
   out["model_flops_per_chip"] = out["model_flops_per_step"] / len(devices)
   if state_bytes + reference > hbm and not compile_anyway:
     out.update(compiled=False, fits=False, peak_bytes=state_bytes + reference,

@@ -53,7 +53,7 @@ def main(argv):
     if impl == "flash":
       return lambda q, k, v: attention.flash(q, k, v, mask, dt, _BLOCK.value)
     if impl == "materialize":
-      return lambda q, k, v: attention.materialize_blocked(q, k, v, mask.dense(), dt, mm, _BLOCK.value)
+      return lambda q, k, v: attention.materialize_blocked(q, k, v, mask.dense(), mm, _BLOCK.value)
     if impl == "splash":
       from lmstack.model import splash
       return lambda q, k, v: splash.splash(q, k, v, mask, dt)

@@ -146,7 +146,7 @@ def activation_bytes(cfg, batch, seq):
   from lmstack.model import attention
   d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
   blk = cfg.attention_block if cfg.attention_block and seq > cfg.attention_block else seq
-  flash = attention.resolve(cfg.attention_impl, jax.default_backend(), cfg.dtype, False) == "flash"
+  flash = attention.resolve(cfg.attention_impl, jax.default_backend()) == "flash"
   per_layer = 4 * d + 2 * n * h + 2 * k * h + (n if flash else n * (seq + blk) / 2) + 3 * f
   tokens = batch * seq
   if cfg.remat == "full":

@@ -30,19 +30,22 @@ NEG = -1e30  # a masked score: exp(NEG - m) underflows to 0 for any real row max
 @dataclasses.dataclass(frozen=True)
 class Mask:
   """Query i sees key j when k_pos[j] <= q_pos[i], k_pos[j] >= 0 (a negative
-  position is an empty cache slot), the segments are equal, and with a
-  sliding window, q_pos[i] - k_pos[j] < window. Positions restart per packed
+  position is an empty cache slot), the segments are equal (none given, as for
+  the KV cache: one segment), and with a sliding window,
+  q_pos[i] - k_pos[j] < window. Positions restart per packed
   document and grow along the row, so within a segment the order of indices is
   the order of positions: query i never sees a key after index i."""
   q_pos: jax.Array  # B T int
   k_pos: jax.Array  # B S int
-  q_seg: jax.Array  # B T int
-  k_seg: jax.Array  # B S int
+  q_seg: jax.Array | None  # B T int; None (with k_seg): one segment
+  k_seg: jax.Array | None  # B S int
   window: int = 0
 
   def between(self, q_pos, k_pos, q_seg, k_seg):
     q, k = q_pos[:, :, None], k_pos[:, None, :]
-    ok = (k <= q) & (k >= 0) & (q_seg[:, :, None] == k_seg[:, None, :])
+    ok = (k <= q) & (k >= 0)
+    if q_seg is not None:
+      ok &= q_seg[:, :, None] == k_seg[:, None, :]
     if self.window:
       ok &= q - k < self.window
     return ok  # B T S
@@ -52,7 +55,7 @@ class Mask:
     return self.between(self.q_pos, self.k_pos, self.q_seg, self.k_seg)[:, None, None]
 
 
-def materialize(q_btkgh, k_bskh, v_bskh, mask_b11ts, dt, matmul, prefix=None):
+def materialize(q_btkgh, k_bskh, v_bskh, mask_b11ts, matmul, prefix=None):
   """Softmax attention over all keys with float32 scores kept for the backward pass.
 
   `prefix` (k, v), each [P, K, H]: keys every query sees, before the others.
@@ -70,14 +73,14 @@ def materialize(q_btkgh, k_bskh, v_bskh, mask_b11ts, dt, matmul, prefix=None):
   return matmul("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
 
 
-def materialize_blocked(q_btkgh, k_bskh, v_bskh, mask_b11ts, dt, matmul, block, prefix=None):
+def materialize_blocked(q_btkgh, k_bskh, v_bskh, mask_b11ts, matmul, block, prefix=None):
   """`materialize` in query blocks, each over the keys up to its end (training, no cache)."""
   t = q_btkgh.shape[1]
   if not block or t <= block or t % block:
-    return materialize(q_btkgh, k_bskh, v_bskh, mask_b11ts, dt, matmul, prefix)
+    return materialize(q_btkgh, k_bskh, v_bskh, mask_b11ts, matmul, prefix)
   return jnp.concatenate([
       materialize(q_btkgh[:, i:i + block], k_bskh[:, :i + block], v_bskh[:, :i + block],
-                  mask_b11ts[..., i:i + block, :i + block], dt, matmul, prefix) for i in range(0, t, block)], axis=1)
+                  mask_b11ts[..., i:i + block, :i + block], matmul, prefix) for i in range(0, t, block)], axis=1)
 
 
 # ---------------------------------------------------------------------------
@@ -121,12 +124,11 @@ def _add_at(x, start, y, axis):
 class _Blocks:
   """One call's shapes and the per-block pieces both passes use."""
 
-  def __init__(self, q, k, masks, window, dt, bq, bk, unroll):
+  def __init__(self, q, k, masks, window, dt, bq, bk):
     self.b, self.k_heads, self.g, self.t, self.h = q.shape
     self.s = k.shape[2]
     self.bq, self.bk, self.window, self.dt = bq, bk, window, dt
     self.nq = self.t // bq
-    self.unroll = unroll
     self.mask = Mask(*masks, window=window)
 
   def block_mask(self, i, j):
@@ -135,14 +137,14 @@ class _Blocks:
     ks = lambda a: _slice(a, j * self.bk, self.bk, 1)
     return m.between(qs(m.q_pos), ks(m.k_pos), qs(m.q_seg), ks(m.k_seg))[:, None, None]  # B 1 1 bq bk
 
-  def scores(self, q_i, k, i, j):
-    k_j = _slice(k, j * self.bk, self.bk, 2).astype(self.dt)
+  def scores(self, q_i, k_j, i, j):
+    """Scores of query block i against key block j (both in the matmul dtype), and their mask."""
     s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=jnp.float32)
     return s, self.block_mask(i, j)
 
 
 def _flash_forward(q, k, v, masks, window, dt, bq, bk, unroll):
-  blocks = _Blocks(q, k, masks, window, dt, bq, bk, unroll)
+  blocks = _Blocks(q, k, masks, window, dt, bq, bk)
 
   def query_block(i):
     q_i = _slice(q, i * bq, bq, 3).astype(dt)
@@ -150,7 +152,7 @@ def _flash_forward(q, k, v, masks, window, dt, bq, bk, unroll):
 
     def key_block(j, carry):
       m, l, acc = carry
-      s, ok = blocks.scores(q_i, k, i, j)
+      s, ok = blocks.scores(q_i, _slice(k, j * bk, bk, 2).astype(dt), i, j)
       m_new = jnp.maximum(m, jnp.max(jnp.where(ok, s, NEG), axis=-1))
       p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
@@ -179,7 +181,7 @@ def _flash_forward(q, k, v, masks, window, dt, bq, bk, unroll):
 def _flash_backward(q, k, v, masks, out, lse, d_out, d_lse, window, dt, bq, bk, unroll):
   """dq, dk, dv: with P = exp(S - lse), dV = P^T dO, dP = dO V^T and
   dS = P (dP - rowsum(dO * O) + d_lse), dQ = dS K, dK = dS^T Q."""
-  blocks = _Blocks(q, k, masks, window, dt, bq, bk, unroll)
+  blocks = _Blocks(q, k, masks, window, dt, bq, bk)
   delta = jnp.sum(d_out * out, axis=-1) - d_lse  # B K G T
 
   def query_block(i, carry):
@@ -191,10 +193,10 @@ def _flash_backward(q, k, v, masks, out, lse, d_out, d_lse, window, dt, bq, bk, 
 
     def key_block(j, carry):
       dq_i, dk, dv = carry
-      s, ok = blocks.scores(q_i, k, i, j)
+      k_j = _slice(k, j * bk, bk, 2).astype(dt)
+      s, ok = blocks.scores(q_i, k_j, i, j)
       p = jnp.where(ok, jnp.exp(s - lse_i), 0.0)
       v_j = _slice(v, j * bk, bk, 2).astype(dt)
-      k_j = _slice(k, j * bk, bk, 2).astype(dt)
       dv = _add_at(dv, j * bk, jnp.einsum("bkgqs,bkgqh->bksh", p.astype(dt), do_i,
                                           preferred_element_type=jnp.float32), 2)
       dp = jnp.einsum("bkgqh,bksh->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
@@ -230,8 +232,8 @@ def _flash_backward_unrolled(blocks, q, k, v, d_out, lse, delta):
     delta_i = _slice(delta, i * bq, bq, 3)[..., None]
     dq_i = None
     for j in range(*_key_blocks(i, bq, bk, blocks.window)):
-      s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_b[j], preferred_element_type=jnp.float32)
-      p = jnp.where(blocks.block_mask(i, j), jnp.exp(s - lse_i), 0.0)
+      s, ok = blocks.scores(q_i, k_b[j], i, j)
+      p = jnp.where(ok, jnp.exp(s - lse_i), 0.0)
       dv_b[j] = add(dv_b[j], jnp.einsum("bkgqs,bkgqh->bksh", p.astype(dt), do_i, preferred_element_type=jnp.float32))
       dp = jnp.einsum("bkgqh,bksh->bkgqs", do_i, v_b[j], preferred_element_type=jnp.float32)
       ds = (p * (dp - delta_i)).astype(dt)
@@ -316,13 +318,12 @@ def fused(impl, q_btkgh, k_bskh, v_bskh, mask, dt):
 CPU_DEFAULT = "flash"
 
 
-def resolve(impl, platform, dt, has_prefix):
+def resolve(impl, platform):
   """The kernel `impl` ("auto" or a name) means on `platform` ("tpu", "gpu", "cpu").
 
   Until the README's AOT table is re-compiled with the splash kernel, "auto" on TPU stays the materialising
   kernel it was compiled with; GPUs take flash (cuDNN is opt-in: `attention_impl=cudnn`, no prefix keys).
   """
-  del dt, has_prefix  # for the fused kernels' limits once auto picks one
   if impl != "auto":
     return impl
   if platform == "tpu":

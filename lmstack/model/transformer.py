@@ -119,23 +119,6 @@ def rope(x_btnh, positions_bt, inv_freq):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt=None, k_seg_bs=None, window=0):
-  """Which keys each query sees: B 1 1 T S.
-
-  Causal by position, within the same segment (packed documents never see
-  each other; positions restart per document and grow along the row), keys
-  with a negative position are empty cache slots, and with a sliding window
-  only the last `window` positions are visible.
-  """
-  q, k = q_pos_bt[:, :, None], k_pos_bs[:, None, :]
-  mask = (k <= q) & (k >= 0)
-  if q_seg_bt is not None:
-    mask &= q_seg_bt[:, :, None] == k_seg_bs[:, None, :]
-  if window:
-    mask &= q - k < window
-  return mask[:, None, None, :, :]
-
-
 def _linear(module, cfg, eq, x, name, rng):
   """A linear layer: the base weight (dequantized under qlora) plus LoRA."""
   dt, act = cfg.compute_dtype, cfg.act_dtype
@@ -197,7 +180,7 @@ class Attention(nnx.Module):
     prefix = (extra["k"], extra["v"]) if "k" in extra else None
     mm = lambda eq, a, w: _matmul(eq, a, w, dt)
     if kv_cache is not None:  # decoding: a few queries over the cache's slots
-      out_btkgh = attention_lib.materialize(q_btkgh, k_bskh, v_bskh, mask, dt, mm, prefix)
+      out_btkgh = attention_lib.materialize(q_btkgh, k_bskh, v_bskh, mask, mm, prefix)
     elif sharding.logical_size("seq") > 1:
       # Context parallelism: each device keeps its queries' slice of the sequence and gathers the keys
       # and values of the whole sequence (an all-gather over the `sequence` mesh axis), so the scores
@@ -206,14 +189,14 @@ class Attention(nnx.Module):
       k_bskh = sharding.constrain(k_bskh, ("batch", None, "kv_heads", "head_dim"))
       v_bskh = sharding.constrain(v_bskh, ("batch", None, "kv_heads", "head_dim"))
       dense = sharding.constrain(mask.dense(), ("batch", None, None, "seq", None))
-      out_btkgh = sharding.constrain(attention_lib.materialize(q_btkgh, k_bskh, v_bskh, dense, dt, mm, prefix),
+      out_btkgh = sharding.constrain(attention_lib.materialize(q_btkgh, k_bskh, v_bskh, dense, mm, prefix),
                                      ("batch", "seq", "kv_heads", None, "head_dim"))
     else:
-      impl = attention_lib.resolve(cfg.attention_impl, sharding.platform(), dt, prefix is not None)
+      impl = attention_lib.resolve(cfg.attention_impl, sharding.platform())
       if impl == "flash":
         out_btkgh = attention_lib.flash(q_btkgh, k_bskh, v_bskh, mask, dt, cfg.attention_block, prefix)
       elif impl == "materialize":
-        out_btkgh = attention_lib.materialize_blocked(q_btkgh, k_bskh, v_bskh, mask.dense(), dt, mm,
+        out_btkgh = attention_lib.materialize_blocked(q_btkgh, k_bskh, v_bskh, mask.dense(), mm,
                                                       cfg.attention_block, prefix)
       elif impl == "splash":
         from lmstack.model import splash  # pylint: disable=import-outside-toplevel  (Pallas TPU: only when used)
@@ -340,7 +323,7 @@ class Transformer(nnx.Module):
       index = cache["index"]
       new_pos = jnp.where(segment_ids_bt > 0, positions_bt, -1).astype(jnp.int32)
       cache_pos = jax.lax.dynamic_update_slice(cache["pos"], new_pos, (0, index))
-      mask = attention_mask(positions_bt, cache_pos, window=cfg.sliding_window)
+      mask = attention_lib.Mask(positions_bt, cache_pos, None, None, cfg.sliding_window).dense()
       kv = (cache["k"], cache["v"])
     x_btd = jnp.take(self.embed[...], tokens_bt, axis=0)
     if peft_lib.lora_embed(cfg):
@@ -393,8 +376,8 @@ class Transformer(nnx.Module):
       p = cfg.peft.num_virtual_tokens
       pos_1p = jnp.arange(p)[None]
       zeros = jnp.zeros((cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
-      _, (k_l1pkh, v_l1pkh) = self._run_blocks(self.prompt[...][None], pos_1p, attention_mask(pos_1p, pos_1p),
-                                               (zeros, zeros), 0)
+      mask = attention_lib.Mask(pos_1p, pos_1p, None, None).dense()
+      _, (k_l1pkh, v_l1pkh) = self._run_blocks(self.prompt[...][None], pos_1p, mask, (zeros, zeros), 0)
       return {"k": k_l1pkh[:, 0], "v": v_l1pkh[:, 0]}
     if method == "llama_adapter":
       return {"adaption": peft_lib.adaption_per_layer(self, cfg)}
