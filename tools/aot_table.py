@@ -13,17 +13,13 @@ so re-running it refreshes the table; rows of cells not run now are kept (--keep
 the tool (exit 1) and names the command.
 """
 
-import json
-import os
-import subprocess
 import sys
-import time
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
-README = os.path.join(ROOT, "README.md")
+import table_io  # tools/: one aot_compile.py run, and the README's marked blocks
+from table_io import README
+
 BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
 CONTEXT = {"1b": 2048, "7b": 4096, "70b": 4096}  # the presets' max_seq_len
 METHODS = {  # method -> aot_compile.py --config and flags
@@ -54,16 +50,6 @@ def chips_of(slice_name):
   return int(n) // 2 if family in ("v4", "v5p") else int(n)
 
 
-def run_cell(args):
-  """(the figures, seconds) of one aot_compile.py run; exit 0 and 1 both carry figures."""
-  t0 = time.perf_counter()
-  out = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT, check=False)
-  rows = [json.loads(l[len("RESULT "):]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-  if out.returncode not in (0, 1) or not rows:
-    raise RuntimeError(f"python tools/aot_compile.py {' '.join(args)} failed:\n{out.stderr[-2000:]}")
-  return rows[0], time.perf_counter() - t0
-
-
 def gib(b):
   return f"{b / 2**30:,.2f}"
 
@@ -88,16 +74,6 @@ HEADER = ("| preset | method | slice | batch x tokens | per chip GiB: arguments 
           "available GiB | verdict | roofline step (bound), tokens/s |\n|---|---|---|---|---|---|---|---|")
 
 
-def _split_readme(path):
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  if BEGIN not in text or END not in text:
-    raise SystemExit(f"error: {path} has no {BEGIN} ... {END} lines to write the table between")
-  head, rest = text.split(BEGIN, 1)
-  block, tail = rest.split(END, 1)
-  return head, block, tail
-
-
 def row_key(row):
   """(preset, method, slice) of a markdown table row."""
   return tuple(c.strip() for c in row.strip().strip("|").split("|")[:3])
@@ -105,7 +81,7 @@ def row_key(row):
 
 def readme_rows(path=README):
   """The data rows of the README's table, by (preset, method, slice)."""
-  _, block, _ = _split_readme(path)
+  _, block, _ = table_io.split_block(path, BEGIN, END)
   rows = [l for l in block.strip().splitlines() if l.startswith("|")][2:]  # past the header and rule
   return {row_key(r): r for r in rows}
 
@@ -118,10 +94,7 @@ def merge(new_rows, old_rows):
 
 
 def write_readme(table, path=README):
-  head, _, tail = _split_readme(path)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never leaves half a README
-    f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-  os.replace(path + ".tmp", path)
+  table_io.write_block(table, path, BEGIN, END)
 
 
 def main(argv):
@@ -133,7 +106,7 @@ def main(argv):
   cells = [(p, m, s) for p in _PRESETS.value for m in _METHODS.value for s in _SLICES.value]
   for i, (preset, method, slice_name) in enumerate(cells, 1):
     try:
-      r, seconds = run_cell(cell_args(preset, method, slice_name))
+      r, seconds = table_io.run_aot(cell_args(preset, method, slice_name))
     except RuntimeError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)

@@ -15,12 +15,12 @@ sequence a chip, full rematerialisation; a program libtpu refuses is reported wi
 The table goes between the README's `<!-- long-context:begin -->` and `<!-- long-context:end -->` lines.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 from absl import app, flags
+
+import table_io  # tools/: one aot_compile.py run, and the README's marked blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # lmstack/, configs/
@@ -29,7 +29,6 @@ _SEQS = flags.DEFINE_list("seqs", ["2048", "8192", "32768"], "CPU sequence lengt
 _TPU = flags.DEFINE_bool("tpu", False, "Also compile the 7b step at 32k for a v5p-64 (needs libtpu).")
 _WRITE = flags.DEFINE_bool("write_readme", False, "Write the table between the README's markers.")
 
-README = os.path.join(ROOT, "README.md")
 BEGIN, END = "<!-- long-context:begin -->", "<!-- long-context:end -->"
 GiB = 2**30
 
@@ -55,12 +54,10 @@ def tpu_row(impl):
   """aot_compile.py's figures for the 7b step at 32k on a v5p-64 with `impl`."""
   args = ["--config=configs/pretrain.py:size=7b", "--slice=v5p-64", "--batch_size=32", "--seq_len=32768",
           "--remat=full", "--config.model.max_seq_len=32768", f"--config.model.attention_impl={impl}", "--json"]
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "aot_compile.py"), *args], capture_output=True,
-                       text=True, cwd=ROOT, check=False)
-  rows = [json.loads(l[len("RESULT "):]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-  if not rows:
-    raise SystemExit(f"error: python tools/aot_compile.py {' '.join(args)} failed:\n{out.stderr[-2000:]}")
-  return rows[0]
+  try:
+    return table_io.run_aot(args)[0]
+  except RuntimeError as e:
+    raise SystemExit(f"error: {e}") from e
 
 
 def main(argv):
@@ -84,15 +81,7 @@ def main(argv):
   table = "\n".join(lines)
   print(table)
   if _WRITE.value:
-    with open(README, encoding="utf-8") as f:
-      text = f.read()
-    if BEGIN not in text or END not in text:
-      raise SystemExit(f"error: {README} has no {BEGIN} ... {END} lines")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    with open(README + ".tmp", "w", encoding="utf-8") as f:
-      f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-    os.replace(README + ".tmp", README)
+    table_io.write_block(table, table_io.README, BEGIN, END)
 
 
 if __name__ == "__main__":
