@@ -2,7 +2,7 @@
 
   python tools/long_context.py                                  # 34m on this CPU at 2k/8k/32k, batch 1
   python tools/long_context.py --tpu                            # and the 7b step at 32k on a v5p-64 (libtpu)
-  python tools/long_context.py --write_readme                   # the table into the README
+  python tools/long_context.py --tpu --readme                   # the table into the README
 
 CPU rows: the 34m pre-training step (configs/pretrain.py:size=34m, one row of T tokens, max_seq_len T) is
 built by lmstack/train/build.py and compiled, not run; the figures are XLA's buffer assignment for it:
@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)  # lmstack/, configs/
 
 _SEQS = flags.DEFINE_list("seqs", ["2048", "8192", "32768"], "CPU sequence lengths.")
 _TPU = flags.DEFINE_bool("tpu", False, "Also compile the 7b step at 32k for a v5p-64 (needs libtpu).")
-_WRITE = flags.DEFINE_bool("write_readme", False, "Write the table between the README's markers.")
+# Not --write_readme: that is aot_table.py's, and absl refuses one flag name from two modules in a process.
+_WRITE = flags.DEFINE_bool("readme", False, "Write the table between the README's markers.")
 
 BEGIN, END = "<!-- long-context:begin -->", "<!-- long-context:end -->"
 GiB = 2**30
